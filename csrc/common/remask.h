@@ -1,0 +1,50 @@
+#pragma once
+// What every remask_step kernel agrees on, besides the random numbers (common/random.h).
+//
+// Per position (b, l), a kernel reads the logits row once and produces
+//   x0[b, l]   the chosen id, and
+//   key[b, l]  an int64 selection key: -1 for a non-candidate (x != mask_id, or
+//              l >= block_end[b]), otherwise
+//                  key = (ordered(confidence) << 31) | (2^31 - 1 - l),
+//              where ordered() maps fp32 to uint32 monotonically. Keys are unique within a
+//              row, so "the k largest keys" is a set with no ties: equal confidences are
+//              broken by position, lower l first. Every backend therefore commits the same
+//              set, whatever its selection algorithm (nth_element, bisection, sort).
+// Per row b, with k = num_transfer[b] and c = the number of candidates:
+//   bound = -1                   if k >= c       (commit every candidate, never more)
+//         = INT64_MAX            if k == 0
+//         = the k-th largest key otherwise
+//   with a threshold t: bound = min(bound, ordered(fp32(t)) << 31), i.e. every candidate
+//   with confidence >= t is committed as well.
+//   transfer[b, l] = key >= 0 && key >= bound;  x_new = transfer ? x0 : x.
+#include <cstdint>
+#include <cstring>
+
+#include "common/macros.h"
+
+namespace llada {
+
+enum class Remasking : int { LowConfidence = 0, Random = 1, Margin = 2, Entropy = 3 };
+
+LLADA_HD uint32_t ordered_bits(float f) {
+  uint32_t u;
+#if defined(__CUDA_ARCH__)
+  u = __float_as_uint(f);
+#else
+  std::memcpy(&u, &f, sizeof(u));
+#endif
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+LLADA_HD int64_t selection_key(float confidence, int64_t l) {
+  return (static_cast<int64_t>(ordered_bits(confidence)) << 31) | (0x7FFFFFFF - l);
+}
+
+LLADA_HD int64_t threshold_key(float threshold) {
+  return static_cast<int64_t>(ordered_bits(threshold)) << 31;
+}
+
+constexpr int64_t kNoCandidate = -1;
+constexpr int64_t kCommitNone = INT64_MAX;
+
+}  // namespace llada

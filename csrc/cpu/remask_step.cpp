@@ -1,0 +1,3 @@
+// STUB: replaced by the CPU kernel.
+#include <torch/library.h>
+#include <ATen/core/Tensor.h>

@@ -1,0 +1,52 @@
+// The schemas of every llada-kernels operator, in one place.
+//
+// Implementations live one file per backend: csrc/cpu/<op>.cpp registers the CPU kernel,
+// csrc/cuda/<op>.cu the CUDA kernel. Each op has a `<op>_triton` twin with the same schema,
+// whose kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) are registered from
+// Python by llada_kernels/triton/<op>.py. Argument checks that the user can get wrong are
+// done once, in Python (llada_kernels/_checks.py); the C++ entry points only re-check what
+// Python cannot see.
+//
+// Shapes: B batch, L sequence length, V vocabulary.
+
+#include <torch/library.h>
+
+TORCH_LIBRARY(llada, m) {
+  // One LLaDA sampling step: choose x0 per masked position (argmax, or Gumbel-max at
+  // temperature > 0), score it, and commit the top num_transfer[b] candidates of each row.
+  //   logits         [B, L, V] fp32/bf16/fp16, unit stride along V
+  //   uncond_logits  [B, L, V] same dtype, or None; with it the kernel reads
+  //                  un + (cfg_scale + 1) * (logits - un) on the fly (classifier-free guidance)
+  //   x              [B, L] int64, the current tokens
+  //   num_transfer   [B] int64 >= 0, k per row
+  //   block_end      [B] int64, positions >= block_end[b] are never chosen
+  //   remasking      "low_confidence" | "random" | "margin" | "entropy"
+  //   threshold      commit every candidate with confidence >= threshold as well (Fast-dLLM)
+  //   suppress_ids   ids whose logits count as -inf everywhere
+  //   zero_confidence_ids  ids whose logits count as -inf in the confidence softmax only
+  //   seed           [1] int64 on the logits' device, or None; required when
+  //                  temperature > 0 or remasking == "random"
+  // Returns x_new [B, L] int64 and transfer [B, L] bool (the positions written).
+  // remask_step_triton has the same schema; its kernel is registered from Python.
+#define REMASK_STEP_SCHEMA                                                                    \
+  "(Tensor logits, Tensor? uncond_logits, float cfg_scale, Tensor x, Tensor num_transfer, "   \
+  "Tensor block_end, int mask_id, float temperature, str remasking, float? threshold, "       \
+  "int[] suppress_ids, int[] zero_confidence_ids, Tensor? seed) -> (Tensor x_new, Tensor transfer)"
+  m.def("remask_step" REMASK_STEP_SCHEMA);
+  m.def("remask_step_triton" REMASK_STEP_SCHEMA);
+#undef REMASK_STEP_SCHEMA
+
+  // Test hook for the noise contract shared by every backend (csrc/common/random.h):
+  // maps raw 64-bit Philox words [N] int64 to standard Gumbel noise [N] fp32.
+  m.def("gumbel_from_bits(Tensor bits) -> Tensor");
+}
+
+#ifdef LLADA_BUILD_PYTHON_MODULE
+// `import llada_kernels._C` loads this library, and with it the registrations above.
+// The module itself is empty; it uses only the stable ABI (py_limited_api).
+#include <Python.h>
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+#endif

@@ -1,0 +1,26 @@
+"""llada-kernels: fused kernels for masked diffusion language models (LLaDA and family).
+
+Importing the package loads the compiled operators (torch.ops.llada.*) and registers the
+Triton kernels and the fake (meta) implementations beside them.
+"""
+
+from . import _backend
+
+try:
+    from . import _C  # noqa: F401  (loads the TORCH_LIBRARY(llada) registrations)
+except ImportError as e:  # a source checkout that was never built
+    _backend._C_ERROR = str(e)
+
+from .ops.remask import remask_step  # noqa: E402
+
+if _backend._C_ERROR is None:
+    from .ops import remask as _remask
+
+    _remask.register_fakes()
+    if _backend._triton_error() is None:
+        from .triton import remask_step as _triton_remask_step  # noqa: F401
+
+from ._backend import BackendUnavailable, available_backends  # noqa: E402
+
+__all__ = ["remask_step", "available_backends", "BackendUnavailable"]
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Public operators: docstrings with shapes, argument checks, backend choice, fakes."""

@@ -1,0 +1,1 @@
+"""Eager PyTorch definitions of every op: what the kernels are tested against."""

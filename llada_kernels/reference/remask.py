@@ -1,0 +1,102 @@
+"""Eager definition of one LLaDA sampling step: the truth every remask_step backend is
+tested against.
+
+It follows ML-GSAI/LLaDA generate.py (see ../shared/llada/SEMANTICS.md) with three deliberate
+differences, each documented in llada_kernels.remask_step:
+  * confidences are computed in fp32 whatever the logits' dtype (the reference uses the
+    logits' dtype, so bf16 confidences tie often);
+  * ties in confidence are broken by position, lower index first (torch.topk leaves the
+    order unspecified);
+  * k larger than a row's candidates commits every candidate and nothing else (the reference
+    would also write masked positions right of the block).
+"""
+
+from __future__ import annotations
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def combined_logits(logits, uncond_logits=None, cfg_scale=0.0):
+    """fp32 logits after classifier-free guidance: un + (s + 1) * (cond - un)."""
+    out = logits.float()
+    if uncond_logits is not None:
+        un = uncond_logits.float()
+        out = un + (cfg_scale + 1.0) * (out - un)
+    return out
+
+
+def _fill_ids(t, ids, value=NEG_INF):
+    if not ids:
+        return t
+    index = torch.tensor(sorted(set(ids)), dtype=torch.long, device=t.device)
+    return t.index_fill(-1, index, value)
+
+
+def gumbel_argmax(l, temperature, generator=None):
+    """argmax over the last dim of l + T * Gumbel, with float64 noise as LLaDA draws it.
+
+    LLaDA: argmax(exp(l) / (-log u)^T), u ~ U[0, 1) in float64. Taking logs gives the same
+    argmax, l - T * log(-log u), without overflowing exp.
+    """
+    if temperature == 0:
+        return l.argmax(-1)
+    u = torch.rand(l.shape, dtype=torch.float64, device=l.device, generator=generator)
+    return (l.double() - temperature * torch.log(-torch.log(u))).argmax(-1)
+
+
+def confidence(l, x0, remasking, zero_confidence_ids=(), generator=None):
+    """fp32 confidence of each position [B, L] (higher is committed first).
+
+    low_confidence: softmax(l')[x0];  margin: top1 - top2 of softmax(l');
+    entropy: sum p log p of softmax(l') (negative entropy);  random: u ~ U[0, 1) in fp32.
+    l' is l with zero_confidence_ids at -inf. A row with no finite l' scores 0.
+    """
+    B, L, V = l.shape
+    if remasking == "random":
+        return torch.rand((B, L), dtype=torch.float32, device=l.device, generator=generator)
+    p = torch.softmax(_fill_ids(l, zero_confidence_ids), dim=-1)
+    if remasking == "low_confidence":
+        c = p.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+    elif remasking == "margin":
+        top = p.topk(min(2, V), dim=-1).values
+        c = top[..., 0] - (top[..., 1] if V > 1 else 0.0)
+    elif remasking == "entropy":
+        c = torch.special.xlogy(p, p).sum(-1)
+    else:
+        raise ValueError(f"unknown remasking {remasking!r}")
+    return torch.nan_to_num(c, nan=0.0)
+
+
+def select(conf, candidates, num_transfer, threshold=None):
+    """Per row, the num_transfer[b] candidates of highest confidence (ties: lower position
+    first), plus with a threshold every candidate whose fp32 confidence >= threshold.
+
+    conf [B, L] fp32, candidates [B, L] bool, num_transfer [B] int64 -> transfer [B, L] bool.
+    """
+    B, L = conf.shape
+    scored = torch.where(candidates, conf, NEG_INF)
+    # A stable descending sort puts equal confidences in position order; rank[b, l] is l's place.
+    order = torch.sort(scored, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(L, device=conf.device).expand(B, L))
+    transfer = candidates & (rank < num_transfer.unsqueeze(-1))
+    if threshold is not None:
+        t = torch.tensor(threshold, dtype=torch.float32).item()  # compared in fp32
+        transfer |= candidates & (conf >= t)
+    return transfer
+
+
+def remask_step(logits, x, num_transfer, *, mask_id=126336, block_end=None, temperature=0.0,
+                remasking="low_confidence", threshold=None, uncond_logits=None, cfg_scale=0.0,
+                suppress_ids=(), zero_confidence_ids=(), generator=None):
+    """Shapes and meaning as llada_kernels.remask_step; num_transfer and block_end are [B]
+    int64 tensors here (the public op expands ints). Returns (x_new, transfer)."""
+    B, L, _ = logits.shape
+    l = _fill_ids(combined_logits(logits, uncond_logits, cfg_scale), suppress_ids)
+    x0 = gumbel_argmax(l, temperature, generator)
+    conf = confidence(l, x0, remasking, list(suppress_ids) + list(zero_confidence_ids), generator)
+    positions = torch.arange(L, device=x.device)
+    candidates = (x == mask_id) & (positions < block_end.unsqueeze(-1))
+    transfer = select(conf, candidates, num_transfer, threshold)
+    return torch.where(transfer, x0, x), transfer

@@ -1,0 +1,1 @@
+"""Triton kernels. Each module registers its kernels for the `<op>_triton` operator."""
