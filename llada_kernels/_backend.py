@@ -59,13 +59,14 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
 def resolve(op: str, requested: str | None, device: torch.device) -> str:
     """The backend that runs `op` on tensors of `device`, or BackendUnavailable."""
     name = requested if requested is not None else os.environ.get(ENV_VAR) or default_backend(device)
-    source = "backend=" if requested is not None else (f"{ENV_VAR}=" if os.environ.get(ENV_VAR) else "default ")
+    source = ("backend=" if requested is not None
+              else f"{ENV_VAR}=" if os.environ.get(ENV_VAR) else "the device default")
     if name not in BACKENDS:
         raise ValueError(f"{op}: {source}{name!r} is not a backend; expected one of {BACKENDS}")
     why = _unavailable(op, name, device)
     if why is not None:
-        raise BackendUnavailable(f"{op}: backend {name!r} (from {source.strip('= ')}) cannot run "
-                                 f"on {device.type} tensors: {why}")
+        raise BackendUnavailable(f"{op}: backend {name!r} (chosen by {source.rstrip('=')}) cannot "
+                                 f"run on {device.type} tensors: {why}")
     return name
 
 
