@@ -11,7 +11,7 @@ from llada_kernels import remask_step
 from llada_kernels.reference import remask as ref
 
 from conftest import KERNEL_BACKENDS
-from official import EOS_ID, EOT_ID, official_step
+from llada_kernels.reference.llada_official import EOS_ID, EOT_ID, official_step
 
 MASK = 7  # a small mask id so small vocabularies work; LLaDA's 126336 is tested separately
 MODES = ["low_confidence", "margin", "entropy"]

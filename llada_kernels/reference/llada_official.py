@@ -1,9 +1,10 @@
-"""Eager transcriptions of LLaDA's public reference code (ML-GSAI/LLaDA), used as ground truth.
+"""Eager transcriptions of LLaDA's public reference code (ML-GSAI/LLaDA generate.py): the
+ground truth of the tests and the eager baseline of the benchmarks.
 
-Written from the behaviour described in ../shared/llada/SEMANTICS.md, in our own words. They
-keep the reference's quirks on purpose (Python loop over the batch, softmax in the logits'
-dtype, the chained -inf assignment of confidence_eos_eot_inf), so tests can show where our
-ops agree with it exactly and where they differ by design.
+Written from the behaviour described in shared/llada/SEMANTICS.md, in our own words. They keep
+the reference's quirks on purpose (a Python loop over the batch, softmax in the logits' dtype,
+the chained -inf assignment of confidence_eos_eot_inf), so tests show where our ops agree with
+it exactly and where they differ by design.
 """
 
 import torch
@@ -27,7 +28,8 @@ def official_step(logits, x, num_transfer, *, mask_id, block_end, temperature=0.
                   eos_id=None, eot_id=None, logits_eos_inf=False, confidence_eos_eot_inf=False):
     """The inner step of generate(): logits [B, L, V], x [B, L], num_transfer [B] ints,
     block_end an int (the end of the current block). Returns the new x and transfer."""
-    logits = logits.clone()
+    if logits_eos_inf or confidence_eos_eot_inf:
+        logits = logits.clone()  # the reference writes -inf into its own logits
     if un_logits is not None:
         logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
     mask_index = x == mask_id
