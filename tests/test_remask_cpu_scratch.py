@@ -195,3 +195,22 @@ def test_gumbel_from_bits_extremes():
     assert torch.isfinite(s).all()
     assert abs(s.mean().item() - 0.5772156649) < 0.01
     assert abs(s.var().item() - math.pi**2 / 6) < 0.03
+
+
+@pytest.mark.parametrize("remasking", MODES)
+def test_confidence_accuracy(remasking):
+    """Each confidence is within 2e-6 of its float64 value (relative to max(|c|, p1)): a
+    threshold just below it commits the position, one just above does not."""
+    B, L, V = 1, 8, 4099
+    logits = torch.randn(B, L, V, generator=torch.Generator().manual_seed(3)) * 3
+    p = torch.softmax(logits.double(), -1)
+    top = p.topk(2, -1).values
+    c = {"low_confidence": top[..., 0], "margin": top[..., 0] - top[..., 1],
+         "entropy": (p * p.log()).sum(-1)}[remasking]
+    tol = 2e-6 * torch.maximum(c.abs(), top[..., 0])
+    x = torch.full((B, L), MASK)
+    for l in range(L):
+        for t, expect in ((c[0, l] - tol[0, l], True), (c[0, l] + tol[0, l], False)):
+            transfer = llada_kernels.remask_step(logits, x, 0, mask_id=MASK, remasking=remasking,
+                                                 threshold=t.item(), backend="cpu")[1]
+            assert transfer[0, l].item() == expect, (l, c[0, l].item(), t.item())
