@@ -86,6 +86,13 @@ def test_layouts_and_edges(remasking):
     _assert_same(*_both(logits[:, :0], x[:, :0], 4, remasking=remasking))  # L = 0
     # V = 2 with one id suppressed: every confidence ties, position decides
     _assert_same(*_both(logits[..., :2], x, 3, remasking=remasking, suppress_ids=[1]))
+    # tied maxima: x0 is the lowest id, and equal confidences commit the lower position first
+    tied = torch.zeros(B, L, V)
+    tied[..., [9, 5, 200]] = 4.0
+    _assert_same(*_both(tied, x, 4, remasking=remasking))
+    x_new, transfer = llada_kernels.remask_step(tied, x, 4, mask_id=MASK, remasking=remasking,
+                                                backend="cpu")
+    assert (x_new[transfer] == 5).all() and transfer[:, :4].all() and not transfer[:, 4:].any()
     # rows whose confidence logits are all -inf score 0
     ninf = logits.clone()
     ninf[0, :5] = float("-inf")
