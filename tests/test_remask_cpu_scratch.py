@@ -141,13 +141,16 @@ def test_sampling_frequencies(dtype):
     assert torch.equal(again, x_new)
 
 
-def test_sampling_is_exact_under_pruning():
-    """Low temperatures prune most ids; the noisy argmax must equal the exhaustive one."""
-    B, L, V = 1, 16, 5000
-    logits, _ = _inputs(B, L, V, torch.float32)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_sampling_is_exact_under_pruning(dtype):
+    """The kernel skips ids whose noisy logit is bounded below the best; its x0 must equal
+    the exhaustive argmax of l + T g over the contract's noise."""
+    B, L, V = 1, 32, 3001
+    logits, _ = _inputs(B, L, V, dtype)
+    logits = logits.float()
     x = torch.full((B, L), MASK)
     seed = torch.tensor([1234])
-    for T in (0.05, 1.0, 30.0):
+    for T in (0.05, 0.5, 1.0, 3.0, 30.0):
         x0 = torch.ops.llada.remask_step(logits, None, 0.0, x, torch.tensor([L]), torch.tensor([L]),
                                          MASK, T, "low_confidence", None, [], [], seed)[0]
         bits = _philox_bits(seed.item(), B * L, V)  # [B*L, V] uint64 as int64
