@@ -20,10 +20,11 @@
 //
 // Cost. Non-candidates cost nothing. A candidate's row (LLaDA: V = 126464, 247 KiB in bf16)
 // is read by three passes that hit L2 after the first: the max (and runner-up), the first id
-// holding the max (stops early), the exponential sums. suppress_ids and zero_confidence_ids
-// never reach these loops: a row is cut into the runs of ids between them. Rows are spread
-// over threads with at::parallel_for; the selection (one nth_element over a row's keys) runs
-// after all rows are scored.
+// holding the max (stops early), the exponential sums (a 12-operation exp, exp_nonpositive).
+// suppress_ids and zero_confidence_ids never reach these loops: a row is cut into the runs of
+// ids between them. At T > 0 the noise is drawn only for ids that could still win
+// (noisy_argmax). Rows are spread over threads with at::parallel_for; the selection (one
+// nth_element over a row's keys) runs after all rows are scored.
 //
 // Every logit goes through the same Vectorized<float> code, full vectors and padded tails
 // alike, so the max found by one pass is found again, bit for bit, by the next. The CFG
@@ -48,6 +49,11 @@
 
 #include "common/random.h"
 #include "common/remask.h"
+
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(CPU_CAPABILITY_AVX2)
+#pragma message("llada remask_step: built without CPU_CAPABILITY_AVX2 (setup.py and CMakeLists.txt " \
+                "set it with -mavx2 -mfma): Vectorized<float> is the portable, slower fallback")
+#endif
 
 namespace llada {
 namespace {
