@@ -1,3 +1,576 @@
-// STUB: replaced by the CPU kernel.
-#include <torch/library.h>
+// C++ CPU kernel of llada::remask_step, and the llada::gumbel_from_bits test hook.
+//
+// Semantics: llada_kernels/reference/remask.py (the truth) and the docstring of
+// llada_kernels.remask_step. Shared with the CUDA and Triton kernels: common/random.h (the
+// noise) and common/remask.h (selection keys, tie-breaking, the per-row bound).
+//
+// Per candidate position (b, l) (x == mask_id and l < block_end[b]), r = b * L + l:
+//   l_v    the fp32 logit of id v, after CFG: un + (s + 1) (cond - un); -inf for suppress_ids
+//   z_v    l_v, and -inf for zero_confidence_ids too: the confidence logits
+//   m, m2  the largest and second largest z_v;  S = sum_v exp(z_v - m)
+// Choice       x0 = argmax_v l_v, lowest id on ties                          (T = 0)
+//              x0 = argmax_v fma(T, g(r, v), l_v), g Gumbel (common/random.h) (T > 0)
+// Confidence   low_confidence  p[x0]       = exp(z[x0] - m) / S
+//              margin          p1 - p2     = 1/S - exp(m2 - m) / S
+//              entropy         sum p log p = (sum_v e_v t_v) / S - log S,
+//                                            t_v = z_v - m, e_v = exp(t_v), 0 where e_v = 0
+//              random          remask_uniform(seed, r)
+//              A row without a finite m (all -inf, or +inf/NaN logits) scores 0, as the
+//              reference's nan_to_num does.
+//
+// Cost. Non-candidates cost nothing. A candidate's row (LLaDA: V = 126464, 247 KiB in bf16)
+// is read by three passes that hit L2 after the first: the max (and runner-up), the first id
+// holding the max (stops early), the exponential sums (a 12-operation exp, exp_nonpositive).
+// suppress_ids and zero_confidence_ids never reach these loops: a row is cut into the runs of
+// ids between them. At T > 0 the noise is drawn only for ids that could still win
+// (noisy_argmax). Rows are spread over threads with at::parallel_for; the selection (one
+// nth_element over a row's keys) runs after all rows are scored.
+//
+// Every logit goes through the same Vectorized<float> code, full vectors and padded tails
+// alike, so the max found by one pass is found again, bit for bit, by the next. The CFG
+// combine may be contracted to an fma by the compiler (eager PyTorch rounds twice): at most
+// one ulp apart.
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <iterator>
+#include <limits>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "common/random.h"
+#include "common/remask.h"
+
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(CPU_CAPABILITY_AVX2)
+#pragma message("llada remask_step: built without CPU_CAPABILITY_AVX2 (setup.py and CMakeLists.txt " \
+                "set it with -mavx2 -mfma): Vectorized<float> is the portable, slower fallback")
+#endif
+
+namespace llada {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kW = Vec::size();
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+// Every value of gumbel_from_bits is below this (its largest, at all-ones bits, is
+// 54 log 2 = 37.43): fma(T, kGumbelBound, l_v) bounds the noisy logit of id v.
+constexpr float kGumbelBound = 38.0f;
+
+// An upper bound of gumbel_from_bits(bits) without logarithms, from its definition in
+// common/random.h: n = bits >> 11, u = (n + 1/2) 2^-53, g = -log(-log u).
+//   u < 1/2:   g < -log(log 2) = 0.3665.
+//   u >= 1/2:  -log u >= 1 - u = w = (m + 1/2) 2^-53 with m = 2^53 - 1 - n, so
+//              g <= -log w = (53 - log2(m + 1/2)) log 2 <= (53 - floor(log2(m + 1/2))) log 2.
+// The margin covers the fp32 rounding of gumbel_from_bits (relative 1e-6 at most).
+inline float gumbel_upper_bound(uint64_t bits) {
+  const uint64_t n = bits >> 11;
+  if (n < (uint64_t(1) << 52)) return 0.37f;
+  const uint64_t m = ((uint64_t(1) << 53) - 1) - n;
+  const int floor_log2 = m ? 63 - __builtin_clzll(m) : -1;
+  return 0.6931472f * static_cast<float>(53 - floor_log2) + 1e-3f;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading a row
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+inline Vec load_fp32(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p);
+  } else {
+    Vec out;
+    at::vec::load_to_float(p, out);
+    return out;
+  }
+}
+
+// n < kW elements; the other lanes are 0.
+template <typename T>
+inline Vec load_fp32_partial(const T* p, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p, n);
+  } else {
+    __at_align__ float buf[kW] = {};
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(p[i]);
+    return Vec::loadu(buf);
+  }
+}
+
+// One row of V logits as fp32, combined on the fly with the unconditional row under CFG.
+template <typename T, bool kCfg>
+struct Row {
+  const T* cond;
+  const T* uncond;  // kCfg only
+  Vec scale;        // cfg_scale + 1
+
+  Vec combine(Vec c, const T* u, int64_t n) const {
+    if constexpr (kCfg) {
+      const Vec un = n == kW ? load_fp32(u) : load_fp32_partial(u, n);
+      return un + scale * (c - un);
+    } else {
+      return c;
+    }
+  }
+  // Ids [v, v + kW).
+  Vec at(int64_t v) const { return combine(load_fp32(cond + v), uncond + v, kW); }
+  // Ids [v, v + n), n <= kW; the other lanes hold `fill`.
+  Vec at(int64_t v, int64_t n, float fill) const {
+    if (n == kW) return at(v);
+    return Vec::set(Vec(fill), combine(load_fp32_partial(cond + v, n), uncond + v, n), n);
+  }
+  float one(int64_t v) const {
+    __at_align__ float buf[kW];
+    at(v, 1, 0.f).store(buf);
+    return buf[0];
+  }
+};
+
+// Ids [begin, end) with none of the special ids inside.
+struct Run {
+  int64_t begin, end;
+};
+
+// [0, V) minus `cut` (sorted, unique), as maximal non-empty runs.
+std::vector<Run> runs_between(const std::vector<int64_t>& cut, int64_t V) {
+  std::vector<Run> runs;
+  int64_t begin = 0;
+  for (const int64_t id : cut) {
+    if (id > begin) runs.push_back({begin, id});
+    begin = id + 1;
+  }
+  if (V > begin) runs.push_back({begin, V});
+  return runs;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The passes over a row
+// ---------------------------------------------------------------------------------------------
+
+struct Top2 {
+  float m, m2;  // largest and second largest, duplicates counted; NaN if any NaN
+};
+
+// Pass 1: max (and with kTop2 the runner-up) of the row over `runs`. Two accumulators per
+// statistic hide the latency of vmaxps.
+template <bool kTop2, class R>
+Top2 row_max(const R& row, const std::vector<Run>& runs) {
+  Vec m[2] = {Vec(-kInf), Vec(-kInf)}, s[2] = {Vec(-kInf), Vec(-kInf)};
+  auto take = [&](Vec x, int i) {
+    if constexpr (kTop2) s[i] = at::vec::maximum(s[i], at::vec::minimum(m[i], x));
+    m[i] = at::vec::maximum(m[i], x);
+  };
+  for (const auto [begin, end] : runs) {
+    int64_t v = begin;
+    for (; v + 2 * kW <= end; v += 2 * kW) {
+      take(row.at(v), 0);
+      take(row.at(v + kW), 1);
+    }
+    for (; v < end; v += kW) take(row.at(v, std::min(kW, end - v), -kInf), 0);
+  }
+  // The top two of the union of streams lie among each stream's top two.
+  __at_align__ float lanes[4 * kW];
+  m[0].store(lanes);
+  m[1].store(lanes + kW);
+  s[0].store(lanes + 2 * kW);
+  s[1].store(lanes + 3 * kW);
+  Top2 top{-kInf, -kInf};
+  for (const float f : lanes) {
+    if (std::isnan(f)) return {kNaN, kNaN};
+    if (f > top.m) {
+      top.m2 = top.m;
+      top.m = f;
+    } else if (f > top.m2) {
+      top.m2 = f;
+    }
+  }
+  if (!kTop2) top.m2 = kNaN;  // the s lanes were never filled
+  return top;
+}
+
+// The first id in `runs` whose value is `target` (NaN: the first NaN, as torch.argmax), or -1.
+template <class R>
+int64_t find_first(const R& row, const std::vector<Run>& runs, float target) {
+  const bool nan = std::isnan(target);
+  const float fill = nan ? -kInf : kNaN;  // a padding lane never matches
+  const Vec t(target);
+  for (const auto [begin, end] : runs) {
+    for (int64_t v = begin; v < end; v += kW) {
+      const Vec x = row.at(v, std::min(kW, end - v), fill);
+      const Vec hit = nan ? x.isnan() : (x == t);
+      // zero_mask() sets the bits of zero lanes; a hit lane is all ones, so non-zero.
+      const int bits = ~hit.zero_mask() & ((1 << kW) - 1);
+      if (bits) return v + __builtin_ctz(bits);
+    }
+  }
+  return -1;
+}
+
+// x0 = argmax_v fma(T, g(r, v), l_v) over `runs`, lowest id on ties; -1 if every value is
+// -inf or NaN. `start` (or -1) is a good guess, the argmax of l, whose noisy value is the
+// first best so far. An id is skipped as soon as a bound of its noisy value falls below the
+// best: first fma(T, kGumbelBound, l_v) (no draw at all), then fma(T, ub, l_v) with ub the
+// bound of its drawn bits (no logarithm). fma is monotone in g, so skipping is exact: the
+// result does not depend on `start`, only the cost does. With LLM-like logits most ids stop
+// at the second test, and the cost per id is half a Philox call.
+template <class R>
+int64_t noisy_argmax(const R& row, const std::vector<Run>& runs, float T, uint64_t seed,
+                     int64_t r, int64_t start) {
+  float best = -kInf;
+  int64_t arg = -1;
+  if (start >= 0) {
+    uint64_t even, odd;
+    gumbel_bits_pair(seed, r, start >> 1, even, odd);
+    const float y = std::fma(T, gumbel_from_bits((start & 1) ? odd : even), row.one(start));
+    if (y > best) {
+      best = y;
+      arg = start;
+    }
+  }
+  __at_align__ float l[kW];
+  for (const auto [begin, end] : runs) {
+    int64_t pair = -1;  // the pair of ids whose two draws are in `bits`
+    uint64_t bits[2] = {0, 0};
+    for (int64_t v0 = begin; v0 < end; v0 += kW) {
+      const int64_t n = std::min(kW, end - v0);
+      row.at(v0, n, -kInf).store(l);
+      for (int64_t i = 0; i < n; ++i) {
+        if (!(std::fma(T, kGumbelBound, l[i]) >= best)) continue;  // also skips NaN
+        const int64_t v = v0 + i;
+        if ((v >> 1) != pair) {
+          pair = v >> 1;
+          gumbel_bits_pair(seed, r, pair, bits[0], bits[1]);
+        }
+        const uint64_t draw = bits[v & 1];
+        if (!(std::fma(T, gumbel_upper_bound(draw), l[i]) >= best)) continue;
+        const float y = std::fma(T, gumbel_from_bits(draw), l[i]);
+        if (y > best || (y == best && v < arg)) {
+          best = y;
+          arg = v;
+        }
+      }
+    }
+  }
+  return arg;
+}
+
+// exp(t) for t <= 0 in 12 vector operations, within 2e-7 relative (exp_u20 takes 17 and
+// allows 20 ulp). t = n ln2 + r with n = round(t / ln2) and |r| <= ln2/2; exp(r) =
+// 1 + r + r^2 (c2 + c3 r + c4 r^2 + c5 r^3), fitted to the relative error on that interval;
+// 2^n is written into the exponent bits. t is clamped at -87 so that 2^n stays normal:
+// exp(-inf) gives 1.6e-38, not 0, which moves a sum of V such terms and at least one 1
+// (the max) by less than V * 1.6e-38.
+inline Vec exp_nonpositive(Vec t) {
+  using IVec = at::vec::Vectorized<int32_t>;
+  t = at::vec::clamp_min(t, Vec(-87.f));
+  const Vec round(12582912.f);  // 1.5 * 2^23: x + round - round is x rounded to an integer
+  const Vec n = at::vec::fmadd(t, Vec(1.44269504f), round) - round;
+  const Vec r = at::vec::fnmadd(n, Vec(0.693147182f), t);
+  Vec q = at::vec::fmadd(Vec(0.008333837613463402f), r, Vec(0.04189857840538025f));
+  q = at::vec::fmadd(q, r, Vec(0.1666688621044159f));
+  q = at::vec::fmadd(q, r, Vec(0.49999141693115234f));
+  const Vec e = at::vec::fmadd(q * r, r, r) + Vec(1.f);
+  const IVec biased = at::vec::convert_to_int_of_same_size(n + Vec(127.f));
+  return e * at::vec::cast<float>(biased << IVec(23));
+}
+
+// Pass 3: S = sum_v exp(z_v - m) and, with kEntropy, sum_v exp(t_v) t_v (t_v = z_v - m,
+// clamped as exp_nonpositive does, so that -inf gives a vanishing term, not NaN). m is finite.
+template <bool kEntropy, class R>
+void exp_sums(const R& row, const std::vector<Run>& runs, float m, float& sum, float& sum_et) {
+  const Vec vm(m), lo(-87.f);
+  Vec s0(0.f), s1(0.f), h0(0.f), h1(0.f);
+  for (const auto [begin, end] : runs) {
+    int64_t v = begin;
+    for (; v + 2 * kW <= end; v += 2 * kW) {
+      const Vec t0 = row.at(v) - vm, t1 = row.at(v + kW) - vm;
+      const Vec e0 = exp_nonpositive(t0), e1 = exp_nonpositive(t1);
+      s0 = s0 + e0;
+      s1 = s1 + e1;
+      if constexpr (kEntropy) {
+        h0 = at::vec::fmadd(e0, at::vec::clamp_min(t0, lo), h0);
+        h1 = at::vec::fmadd(e1, at::vec::clamp_min(t1, lo), h1);
+      }
+    }
+    for (; v < end; v += kW) {
+      const Vec t = row.at(v, std::min(kW, end - v), -kInf) - vm;
+      const Vec e = exp_nonpositive(t);
+      s0 = s0 + e;
+      if constexpr (kEntropy) h0 = at::vec::fmadd(e, at::vec::clamp_min(t, lo), h0);
+    }
+  }
+  auto total = [](Vec a) {
+    __at_align__ float lanes[kW];
+    a.store(lanes);
+    float acc = 0.f;
+    for (const float f : lanes) acc += f;
+    return acc;
+  };
+  sum = total(s0 + s1);
+  sum_et = kEntropy ? total(h0 + h1) : 0.f;
+}
+
+// ---------------------------------------------------------------------------------------------
+// One position: choice and confidence
+// ---------------------------------------------------------------------------------------------
+
+struct Params {
+  int64_t L;
+  int64_t stride_b, stride_l;    // of logits
+  int64_t ustride_b, ustride_l;  // of uncond_logits
+  float scale;                   // cfg_scale + 1
+  float temperature;
+  Remasking mode;
+  uint64_t seed;
+  std::vector<int64_t> cut;        // suppress_ids and zero_confidence_ids, sorted, unique
+  std::vector<int64_t> zero_only;  // zero_confidence_ids that are not suppressed
+  std::vector<Run> choice_runs;    // ids that x0 may take: [0, V) minus suppress_ids
+  std::vector<Run> conf_runs;      // ids in the confidence softmax: [0, V) minus cut
+};
+
+struct Scored {
+  int64_t x0;
+  float confidence;
+};
+
+template <class R>
+Scored score(const R& row, const Params& p, int64_t r) {
+  const Top2 top = p.mode == Remasking::Margin ? row_max<true>(row, p.conf_runs)
+                                               : row_max<false>(row, p.conf_runs);
+  // The max of l over the choice runs: the max over the confidence runs, and the
+  // zero-confidence ids.
+  float lmax = top.m;
+  for (const int64_t v : p.zero_only) {
+    const float f = row.one(v);
+    if (std::isnan(f) || f > lmax) lmax = f;
+  }
+  // The first id at the max. If every value is -inf, x0 = 0, as torch.argmax gives.
+  const int64_t first = lmax == -kInf ? -1 : find_first(row, p.choice_runs, lmax);
+  int64_t x0 = p.temperature > 0
+                   ? noisy_argmax(row, p.choice_runs, p.temperature, p.seed, r, first)
+                   : first;
+  x0 = std::max<int64_t>(x0, 0);
+
+  float c = 0.f;
+  if (p.mode == Remasking::Random) {
+    c = remask_uniform(p.seed, r);
+  } else if (std::isfinite(top.m)) {
+    const float m = top.m;
+    float S, sum_et;
+    if (p.mode == Remasking::Entropy) {
+      exp_sums<true>(row, p.conf_runs, m, S, sum_et);
+      c = sum_et / S - std::log(S);
+    } else {
+      exp_sums<false>(row, p.conf_runs, m, S, sum_et);
+      if (p.mode == Remasking::Margin) {
+        c = 1.f / S - std::exp(top.m2 - m) / S;
+      } else if (!std::binary_search(p.cut.begin(), p.cut.end(), x0)) {
+        c = std::exp(row.one(x0) - m) / S;  // low_confidence; 0 if x0 is a cut id
+      }
+    }
+  }
+  // nan_to_num, and -0 -> +0 so that the key orders it with +0.
+  return {x0, std::isnan(c) ? 0.f : c + 0.f};
+}
+
+// Scores candidates [begin, end): x0 and selection key of each.
+template <typename T, bool kCfg>
+void score_candidates(const at::Tensor& logits, const at::Tensor* uncond, const Params& p,
+                      const int64_t* cand, int64_t* x0, int64_t* key, int64_t begin,
+                      int64_t end) {
+  const T* base = logits.const_data_ptr<T>();
+  const T* ubase = kCfg ? uncond->const_data_ptr<T>() : nullptr;
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t r = cand[i], b = r / p.L, l = r % p.L;
+    Row<T, kCfg> row{base + b * p.stride_b + l * p.stride_l,
+                     kCfg ? ubase + b * p.ustride_b + l * p.ustride_l : nullptr, Vec(p.scale)};
+    const Scored s = score(row, p, r);
+    x0[i] = s.x0;
+    key[i] = selection_key(s.confidence, l);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The operators
+// ---------------------------------------------------------------------------------------------
+
+Remasking parse_remasking(c10::string_view name) {
+  if (name == "low_confidence") return Remasking::LowConfidence;
+  if (name == "random") return Remasking::Random;
+  if (name == "margin") return Remasking::Margin;
+  TORCH_CHECK(name == "entropy", "remask_step: unknown remasking '", name, "'");
+  return Remasking::Entropy;
+}
+
+std::vector<int64_t> sorted_ids(at::IntArrayRef ids, int64_t V, const char* name) {
+  std::vector<int64_t> out(ids.begin(), ids.end());
+  for (const int64_t id : out) {
+    TORCH_CHECK(0 <= id && id < V, "remask_step: ", name, " holds ", id,
+                ", outside the vocabulary [0, ", V, ")");
+  }
+  std::sort(out.begin(), out.end());
+  out.erase(std::unique(out.begin(), out.end()), out.end());
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> remask_step_cpu(
+    const at::Tensor& logits, const std::optional<at::Tensor>& uncond_logits, double cfg_scale,
+    const at::Tensor& x, const at::Tensor& num_transfer, const at::Tensor& block_end,
+    int64_t mask_id, double temperature, c10::string_view remasking,
+    std::optional<double> threshold, at::IntArrayRef suppress_ids,
+    at::IntArrayRef zero_confidence_ids, const std::optional<at::Tensor>& seed) {
+  TORCH_CHECK(logits.dim() == 3, "remask_step: logits must be [B, L, V]; got ", logits.sizes());
+  const int64_t B = logits.size(0), L = logits.size(1), V = logits.size(2);
+  TORCH_CHECK(logits.stride(2) == 1 || V == 1,
+              "remask_step: logits must have unit stride along V; got strides ", logits.strides());
+  const at::Tensor* uncond = uncond_logits.has_value() ? &*uncond_logits : nullptr;
+  if (uncond) {
+    TORCH_CHECK(uncond->scalar_type() == logits.scalar_type() && uncond->sizes() == logits.sizes(),
+                "remask_step: uncond_logits must match logits (", logits.scalar_type(), " ",
+                logits.sizes(), "); got ", uncond->scalar_type(), " ", uncond->sizes());
+    TORCH_CHECK(uncond->stride(2) == 1 || V == 1,
+                "remask_step: uncond_logits must have unit stride along V; got strides ",
+                uncond->strides());
+  }
+  TORCH_CHECK(x.scalar_type() == at::kLong && x.dim() == 2 && x.size(0) == B && x.size(1) == L,
+              "remask_step: x must be int64 [B, L] = [", B, ", ", L, "]; got ", x.scalar_type(),
+              " ", x.sizes());
+  for (const auto& [name, t] : {std::pair{"num_transfer", &num_transfer},
+                                std::pair{"block_end", &block_end}}) {
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->size(0) == B &&
+                    t->is_contiguous(),
+                "remask_step: ", name, " must be a contiguous int64 [B] = [", B, "] tensor; got ",
+                t->scalar_type(), " ", t->sizes());
+  }
+  const Remasking mode = parse_remasking(remasking);
+  const bool needs_seed = temperature > 0 || mode == Remasking::Random;
+  TORCH_CHECK(!needs_seed || (seed.has_value() && seed->numel() == 1 &&
+                              seed->scalar_type() == at::kLong && seed->device().is_cpu()),
+              "remask_step: temperature > 0 and remasking='random' need seed, a [1] int64 CPU "
+              "tensor");
+
+  Params p;
+  p.L = L;
+  p.stride_b = logits.stride(0);
+  p.stride_l = logits.stride(1);
+  p.ustride_b = uncond ? uncond->stride(0) : 0;
+  p.ustride_l = uncond ? uncond->stride(1) : 0;
+  p.scale = static_cast<float>(cfg_scale + 1.0);
+  p.temperature = static_cast<float>(temperature);
+  p.mode = mode;
+  p.seed = needs_seed ? static_cast<uint64_t>(seed->const_data_ptr<int64_t>()[0]) : 0;
+  const std::vector<int64_t> suppress = sorted_ids(suppress_ids, V, "suppress_ids");
+  const std::vector<int64_t> zero = sorted_ids(zero_confidence_ids, V, "zero_confidence_ids");
+  std::set_union(suppress.begin(), suppress.end(), zero.begin(), zero.end(),
+                 std::back_inserter(p.cut));
+  std::set_difference(zero.begin(), zero.end(), suppress.begin(), suppress.end(),
+                      std::back_inserter(p.zero_only));
+  p.choice_runs = runs_between(suppress, V);
+  p.conf_runs = runs_between(p.cut, V);
+
+  // Candidates, row by row: cand[row_start[b] .. row_start[b + 1]) holds r = b * L + l.
+  const int64_t* xs = x.const_data_ptr<int64_t>();
+  const int64_t* ends = block_end.const_data_ptr<int64_t>();
+  std::vector<int64_t> cand, row_start(B + 1, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t end = std::clamp<int64_t>(ends[b], 0, L);
+    for (int64_t l = 0; l < end; ++l) {
+      if (xs[b * x.stride(0) + l * x.stride(1)] == mask_id) cand.push_back(b * L + l);
+    }
+    row_start[b + 1] = static_cast<int64_t>(cand.size());
+  }
+  const int64_t n = static_cast<int64_t>(cand.size());
+  std::vector<int64_t> x0(n), key(n);
+
+  // Score the candidates, at least about 16 K logits per task.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(V, 1));
+  auto run = [&](auto tag, auto cfg) {
+    using T = decltype(tag);
+    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+      score_candidates<T, decltype(cfg)::value>(logits, uncond, p, cand.data(), x0.data(),
+                                                key.data(), begin, end);
+    });
+  };
+  auto run_dtype = [&](auto tag) {
+    if (uncond) {
+      run(tag, std::true_type{});
+    } else {
+      run(tag, std::false_type{});
+    }
+  };
+  switch (logits.scalar_type()) {
+    case at::kFloat: run_dtype(float{}); break;
+    case at::kBFloat16: run_dtype(c10::BFloat16{}); break;
+    case at::kHalf: run_dtype(c10::Half{}); break;
+    default:
+      TORCH_CHECK(false, "remask_step: logits must be float32, bfloat16 or float16; got ",
+                  logits.scalar_type());
+  }
+
+  // Select and write, row by row (common/remask.h).
+  at::Tensor x_new = at::empty({B, L}, x.options());
+  x_new.copy_(x);
+  at::Tensor transfer = at::zeros({B, L}, x.options().dtype(at::kBool));
+  int64_t* out = x_new.mutable_data_ptr<int64_t>();
+  bool* written = transfer.mutable_data_ptr<bool>();
+  const int64_t* ks = num_transfer.const_data_ptr<int64_t>();
+  const std::optional<int64_t> tkey =
+      threshold ? std::optional(threshold_key(static_cast<float>(*threshold))) : std::nullopt;
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<int64_t> scratch;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t begin = row_start[b], count = row_start[b + 1] - begin;
+      const int64_t k = std::max<int64_t>(ks[b], 0);
+      int64_t bound;
+      if (k >= count) {
+        bound = kNoCandidate;
+      } else if (k == 0) {
+        bound = kCommitNone;
+      } else {
+        scratch.assign(key.begin() + begin, key.begin() + begin + count);
+        std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(),
+                         std::greater<>());
+        bound = scratch[k - 1];
+      }
+      if (tkey) bound = std::min(bound, *tkey);
+      for (int64_t i = begin; i < begin + count; ++i) {
+        if (key[i] >= bound) {
+          out[cand[i]] = x0[i];
+          written[cand[i]] = true;
+        }
+      }
+    }
+  });
+  return {x_new, transfer};
+}
+
+at::Tensor gumbel_from_bits_cpu(const at::Tensor& bits) {
+  TORCH_CHECK(bits.scalar_type() == at::kLong, "gumbel_from_bits: bits must be int64; got ",
+              bits.scalar_type());
+  const at::Tensor in = bits.contiguous();
+  at::Tensor out = at::empty(in.sizes(), in.options().dtype(at::kFloat));
+  const int64_t* src = in.const_data_ptr<int64_t>();
+  float* dst = out.mutable_data_ptr<float>();
+  at::parallel_for(0, in.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) dst[i] = gumbel_from_bits(static_cast<uint64_t>(src[i]));
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace llada
+
+TORCH_LIBRARY_IMPL(llada, CPU, m) {
+  m.impl("remask_step", &llada::remask_step_cpu);
+  m.impl("gumbel_from_bits", &llada::gumbel_from_bits_cpu);
+}
