@@ -270,7 +270,7 @@ def test_sampling_frequencies_match_softmax(backend, temperature):
 def test_random_remasking_picks_uniformly(backend):
     """With "random", the committed positions of a row are a uniform k-subset."""
     L, k, trials = 16, 4, 400
-    logits, x = make_inputs(1, L, 5, masked=1.0, seed=2)
+    logits, x = make_inputs(1, L, 5, masked=1.0, seed=2, mask_id=MASK % 5)
     g = torch.Generator().manual_seed(5)
     hits = torch.zeros(L)
     for _ in range(trials):
@@ -372,6 +372,6 @@ def test_bad_input_errors_name_the_argument():
     bad(r"block_end must have dtype int64, int32; got float32", block_end=torch.ones(2))
     bad(r"remasking must be one of .*; got 'lowest'", remasking="lowest")
     bad(r"temperature must be >= 0; got -1", temperature=-1.0)
-    bad(r"backend= 'gpu' is not a backend", backend="gpu")
+    bad(r"backend='gpu' is not a backend", backend="gpu")
     bad(r"backend 'cuda' .* cannot run on cpu tensors", backend="cuda")
     bad(r"suppress_ids covers the whole vocabulary", suppress_ids=list(range(10)))
