@@ -39,7 +39,7 @@ CASES = {
         "logits-B2xL256xV32000": ("logits", (2, 256, 32000)),
         "logits-B1xL64xV126464": ("logits", (1, 64, 126464)),
         "fused-B2xL512xD256xV32000": ("fused", (2, 512, 256, 32000)),
-        "fused-B1xL256xD64xV126464": ("fused", (1, 256, 64, 126464)),
+        "fused-B1xL512xD64xV126464": ("fused", (1, 512, 64, 126464)),
     },
     "cuda": {
         "logits-B4xL4096xV126464-bf16": ("logits", (4, 4096, 126464)),

@@ -410,3 +410,15 @@ def test_get_log_likelihood_is_unbiased(cfg_scale):
     est = training.get_log_likelihood(model, prompt, answer, mc_num=512, batch_size=32, cfg_scale=cfg_scale,
                                       generator=torch.Generator().manual_seed(1), backend="cpu")
     assert abs(est - exact) < 0.03 * abs(exact)
+
+
+
+def test_fused_backward_twice_and_scaled():
+    hidden, weight, b, targets, masked, p_mask = fused_case(1, 4, 8, 20, masked=1.0)
+    hidden.requires_grad_()
+    loss = fused_linear_masked_diffusion_loss(hidden, weight, targets, masked, p_mask, backend="cpu")
+    expect = torch.autograd.grad(ref.fused_linear_masked_diffusion_loss(hidden, weight, targets, masked, p_mask),
+                                 hidden)[0]
+    for scale in (1.0, 3.0, 1.0):  # retain_graph: the saved gradients must not change
+        (g,) = torch.autograd.grad(loss * scale, hidden, retain_graph=True)
+        torch.testing.assert_close(g, expect * scale)

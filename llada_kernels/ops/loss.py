@@ -107,7 +107,7 @@ def fused_linear_masked_diffusion_loss(
 
     Memory: with gradients enabled, d hidden ([B, L, D], hidden's dtype), d weight ([V, D],
     accumulated in float32 across chunks) and d bias are computed in the forward and kept
-    until backward.
+    until backward, which scales them by the upstream gradient (see _fused_backward).
     """
     B, L, D = _check(FUSED_OP, hidden, "hidden", targets, masked, p_mask)
     _checks.check_tensor(FUSED_OP, "weight", weight, dtypes=(hidden.dtype,), ndim=2)
@@ -221,6 +221,7 @@ def _fused_impl(hidden, weight, bias, targets, weights, chunk_size, backend, com
         t, w = targets.index_select(0, index), weights.index_select(0, index)
         if not compute_grad:
             loss += fwd(logits, t, w)[0].sum()
+            del logits, h
             continue
         loss += fwd_bwd(logits, t, w).sum()                   # logits := d loss / d logits
         grad_hidden.index_copy_(0, index, logits @ weight)    # [C, D]
@@ -230,6 +231,7 @@ def _fused_impl(hidden, weight, bias, targets, weights, chunk_size, backend, com
             grad_weight += (logits.t() @ h).to(acc)
         if grad_bias is not None:
             grad_bias += logits.sum(0, dtype=acc)
+        del logits, h  # free this chunk before the next one is allocated
     if not compute_grad:
         empty = hidden.new_empty(0)
         return loss, empty, empty.clone(), empty.clone()
@@ -253,13 +255,30 @@ def _fused_setup_context(ctx, inputs, output):
 
 
 def _fused_backward(ctx, grad_loss, *_unused):
+    """The gradients computed in the forward, scaled by grad_loss.
+
+    The product is a new tensor (scaling the saved ones in place would break retain_graph), so
+    d weight is briefly held twice. When grad_loss is a CPU tensor equal to 1 (loss.backward()
+    on CPU), reading it is free and the saved gradients are returned as they are."""
     if not ctx.compute_grad:
         raise RuntimeError(f"{FUSED_OP}: called with compute_grad=False, so it kept no gradients")
-    grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-    g = grad_loss
-    return (grad_hidden * g.to(grad_hidden.dtype), grad_weight * g.to(grad_weight.dtype),
-            grad_bias * g.to(grad_bias.dtype) if ctx.has_bias else None,
+    grads = ctx.saved_tensors
+    unit = _is_one_for_free(grad_loss)
+    grad_hidden, grad_weight, grad_bias = grads if unit else [g * grad_loss.to(g.dtype) for g in grads]
+    return (grad_hidden, grad_weight, grad_bias if ctx.has_bias else None,
             None, None, None, None, None)
+
+
+def _is_one_for_free(t):
+    """t == 1, where reading t costs nothing: a real CPU tensor, outside any tracing."""
+    if t.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    if is_fake(t) or get_proxy_mode() is not None:
+        return False
+    return t.item() == 1.0
 
 
 def register():
