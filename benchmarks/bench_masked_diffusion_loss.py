@@ -15,7 +15,8 @@ The baselines come from llada_kernels.reference.loss, so they never drift from t
 Everything a runner needs is importable: CASES, providers(), make_inputs(), step(),
 peak_memory(). Peak memory is the extra memory one forward + backward takes over its inputs:
 torch.cuda.max_memory_allocated on CUDA; on CPU the growth of the process's peak RSS (VmHWM,
-reset through /proc/self/clear_refs) in a fresh subprocess, so no allocator cache hides it.
+reset through /proc/self/clear_refs) in a fresh subprocess where glibc maps every large
+allocation on its own (MALLOC_MMAP_THRESHOLD_), so no allocator cache hides one.
 """
 
 from __future__ import annotations
@@ -96,8 +97,11 @@ def peak_memory(provider: str, case: str, device: str) -> int:
         step(provider, inputs)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
+    # glibc serves every allocation of 64 KiB or more with its own mmap and unmaps it on free,
+    # so the RSS follows the live tensors and no freed-but-kept heap hides an allocation.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run([sys.executable, __file__, "--peak-rss", provider, case], check=True,
-                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         capture_output=True, text=True, env=env)
     return int(out.stdout.strip().splitlines()[-1])
 
 

@@ -252,33 +252,22 @@ def _fused_setup_context(ctx, inputs, output):
     ctx.has_bias = inputs[2] is not None
     ctx.compute_grad = inputs[7]
     ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+    # The gradient outputs are never differentiated: without this, autograd would hand backward
+    # a zero tensor for each of them, a [V, D] allocation for nothing.
+    ctx.set_materialize_grads(False)
 
 
 def _fused_backward(ctx, grad_loss, *_unused):
-    """The gradients computed in the forward, scaled by grad_loss.
-
-    The product is a new tensor (scaling the saved ones in place would break retain_graph), so
-    d weight is briefly held twice. When grad_loss is a CPU tensor equal to 1 (loss.backward()
-    on CPU), reading it is free and the saved gradients are returned as they are."""
+    """The gradients computed in the forward, scaled by grad_loss. The products are new tensors
+    (scaling the saved ones in place would break retain_graph), so d weight is briefly held
+    twice: the backward's peak is one [V, D] above the forward's end."""
+    if grad_loss is None:
+        return (None,) * 8
     if not ctx.compute_grad:
         raise RuntimeError(f"{FUSED_OP}: called with compute_grad=False, so it kept no gradients")
-    grads = ctx.saved_tensors
-    unit = _is_one_for_free(grad_loss)
-    grad_hidden, grad_weight, grad_bias = grads if unit else [g * grad_loss.to(g.dtype) for g in grads]
+    grad_hidden, grad_weight, grad_bias = (g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
     return (grad_hidden, grad_weight, grad_bias if ctx.has_bias else None,
             None, None, None, None, None)
-
-
-def _is_one_for_free(t):
-    """t == 1, where reading t costs nothing: a real CPU tensor, outside any tracing."""
-    if t.device.type != "cpu" or torch.compiler.is_compiling():
-        return False
-    from torch._subclasses.fake_tensor import is_fake
-    from torch.fx.experimental.proxy_tensor import get_proxy_mode
-
-    if is_fake(t) or get_proxy_mode() is not None:
-        return False
-    return t.item() == 1.0
 
 
 def register():
