@@ -179,10 +179,13 @@ def _fwd_bwd_fake(logits, targets, weights):
 def _setup_context(ctx, inputs, output):
     logits, targets, weights = inputs
     ctx.save_for_backward(logits, targets, weights, output[1])
+    ctx.set_materialize_grads(False)  # lse is never differentiated: no zeros for its gradient
 
 
 def _autograd_backward(backward_op):
     def backward(ctx, grad_losses, _grad_lse):
+        if grad_losses is None:
+            return None, None, None
         logits, targets, weights, lse = ctx.saved_tensors
         grad = backward_op(grad_losses.contiguous(), logits, targets, weights, lse)
         return grad, None, None
