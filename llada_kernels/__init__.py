@@ -27,5 +27,6 @@ if _backend._C_ERROR is None:
 
 from ._backend import BackendUnavailable, available_backends  # noqa: E402
 
-__all__ = ["remask_step", "masked_diffusion_loss", "fused_linear_masked_diffusion_loss", "available_backends", "BackendUnavailable"]
+__all__ = ["remask_step", "masked_diffusion_loss", "fused_linear_masked_diffusion_loss",
+           "available_backends", "BackendUnavailable"]
 __version__ = "0.1.0"
