@@ -36,6 +36,46 @@ TORCH_LIBRARY(llada, m) {
   m.def("remask_step_triton" REMASK_STEP_SCHEMA);
 #undef REMASK_STEP_SCHEMA
 
+  // Masked diffusion loss, row form: the kernels behind llada_kernels.masked_diffusion_loss and
+  // the chunks of llada_kernels.fused_linear_masked_diffusion_loss. Rows are (batch, position)
+  // pairs flattened to N = B * L; a row's weight is 1 / p_mask where masked, 0 elsewhere.
+  //   logits   [N, V] fp32/bf16/fp16/fp64, unit stride along V (any row stride)
+  //   targets  [N] int64, the clean tokens; read only where weights != 0
+  //   weights  [N] fp32 (fp64 for fp64 logits); rows with weight 0 are skipped
+  //   losses   [N] weights * (logsumexp(logits) - logits[target]), exactly 0 where weight == 0
+  //   lse      [N] logsumexp of each row, fp32 (fp64), 0 where weight == 0
+  //   grad_losses [N], the upstream gradient of losses
+  //   grad_logits [N, V] logits' dtype: grad_losses * weights * (softmax(logits) - onehot(target))
+  // masked_diffusion_loss returns (losses, lse); masked_diffusion_loss_backward returns
+  // grad_logits. masked_diffusion_loss_fwd_bwd computes the losses and overwrites logits with
+  // their gradient (grad_losses = 1) in one visit per row: the fused-linear form runs it chunk
+  // by chunk. Each has a _triton twin with the same schema, registered from Python.
+#define MDL_FWD_SCHEMA "(Tensor logits, Tensor targets, Tensor weights) -> (Tensor losses, Tensor lse)"
+#define MDL_BWD_SCHEMA                                                                        \
+  "(Tensor grad_losses, Tensor logits, Tensor targets, Tensor weights, Tensor lse) -> Tensor"
+#define MDL_FWD_BWD_SCHEMA "(Tensor(a!) logits, Tensor targets, Tensor weights) -> Tensor losses"
+  m.def("masked_diffusion_loss" MDL_FWD_SCHEMA);
+  m.def("masked_diffusion_loss_triton" MDL_FWD_SCHEMA);
+  m.def("masked_diffusion_loss_backward" MDL_BWD_SCHEMA);
+  m.def("masked_diffusion_loss_backward_triton" MDL_BWD_SCHEMA);
+  m.def("masked_diffusion_loss_fwd_bwd" MDL_FWD_BWD_SCHEMA);
+  m.def("masked_diffusion_loss_fwd_bwd_triton" MDL_FWD_BWD_SCHEMA);
+#undef MDL_FWD_SCHEMA
+#undef MDL_BWD_SCHEMA
+#undef MDL_FWD_BWD_SCHEMA
+
+  // Masked diffusion loss from hidden states and the lm_head, without materialising [B, L, V].
+  // A composite implemented in Python (llada_kernels/ops/loss.py) for CPU and CUDA tensors: it
+  // gathers the masked rows (one host sync for their count) and runs them through
+  // masked_diffusion_loss_fwd_bwd (or its _triton twin, by `backend`) chunk by chunk.
+  //   hidden   [N, D], weight [V, D], bias [V] or None, targets [N] int64, weights [N] as above
+  //   chunk_size  rows per chunk (> 0); backend "cpu" | "triton" | "cuda"
+  //   compute_grad  when false, the gradients come back empty ([0])
+  // Returns loss [] fp32 (fp64), and d loss / d (hidden [N, D], weight [V, D], bias [V] or [0]).
+  m.def("fused_linear_masked_diffusion_loss(Tensor hidden, Tensor weight, Tensor? bias, "
+        "Tensor targets, Tensor weights, int chunk_size, str backend, bool compute_grad) -> "
+        "(Tensor loss, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+
   // Test hook for the noise contract shared by every backend (csrc/common/random.h):
   // maps raw 64-bit Philox words [N] int64 to standard Gumbel noise [N] fp32.
   m.def("gumbel_from_bits(Tensor bits) -> Tensor");

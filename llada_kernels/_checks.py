@@ -70,3 +70,24 @@ def check_min(op: str, name: str, t: torch.Tensor, lo: int):
     if values_checked() and t.numel() and bool((t < lo).any()):
         bad = t[t < lo][0].item()
         fail(op, f"{name} must be >= {lo}; got {bad}")
+
+
+def check_index(op: str, name: str, t: torch.Tensor, size: int, where: torch.Tensor | None = None):
+    """Every element (where `where` is true, if given) in [0, size) (a value check)."""
+    if not values_checked() or not t.numel():
+        return
+    bad = (t < 0) | (t >= size)
+    if where is not None:
+        bad &= where
+    if bool(bad.any()):
+        fail(op, f"{name} holds {t[bad][0].item()}, outside the vocabulary [0, {size})"
+             + (" at a masked position" if where is not None else ""))
+
+
+def check_positive_finite(op: str, name: str, t: torch.Tensor):
+    """Every element finite and > 0 (a value check)."""
+    if not values_checked() or not t.numel():
+        return
+    bad = ~(torch.isfinite(t) & (t > 0))
+    if bool(bad.any()):
+        fail(op, f"{name} must be finite and > 0; got {t[bad][0].item()}")

@@ -1,0 +1,288 @@
+"""masked_diffusion_loss and fused_linear_masked_diffusion_loss: LLaDA's training loss.
+
+    loss = sum over masked (b, l) of CE(logits[b, l], targets[b, l]) / p_mask[b, l]
+
+Both forms reduce the batch to rows r = (b, l), N = B * L of them, with a weight per row:
+w_r = 1 / p_mask where masked, 0 where not (such rows are skipped). The row kernels
+(llada::masked_diffusion_loss, _backward, _fwd_bwd; schemas in csrc/ops.cpp) see only logits
+[N, V], targets [N] and weights [N].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backend, _checks
+from ..reference import loss as reference
+
+OP = "masked_diffusion_loss"
+FUSED_OP = "fused_linear_masked_diffusion_loss"
+REDUCTIONS = ("sum", "none")
+# The fused form's chunk of logits takes at most max(this, the masked hidden rows' size) bytes.
+MIN_CHUNK_BYTES = 16 << 20
+
+
+def masked_diffusion_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    masked: torch.Tensor,
+    p_mask: torch.Tensor,
+    *,
+    reduction: str = "sum",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of the masked positions, each divided by its mask probability.
+
+    Args:
+        logits: [B, L, V] float32, bfloat16, float16 (or float64, for gradcheck). The vocabulary
+            dimension is made contiguous, and [B, L] flattened, by a copy if they are not.
+        targets: [B, L] int64, the clean tokens. Read only where masked; there they must be in
+            [0, V).
+        masked: [B, L] bool, the positions that were masked (the only ones that count).
+        p_mask: [B] (one per sequence) or [B, L], floating, finite and > 0: each position's mask
+            probability, the divisor of its cross-entropy. For SFT pass
+            p_mask * answer_length[:, None].
+        reduction: "sum" (a scalar) or "none" ([B, L], 0 where not masked).
+        backend: "reference", "cpu", "triton" or "cuda"; see llada_kernels._backend.
+
+    Returns:
+        sum over masked (b, l) of CE(logits[b, l], targets[b, l]) / p_mask[b, l], in float32
+        (float64 for float64 logits), whatever the logits' dtype. The caller divides: by B * L
+        for pre-training, by B for SFT (see llada_kernels.training).
+
+    Gradient: d loss / d logits in the logits' dtype, computed in float32; exactly zero on
+    unmasked rows. No host synchronisation (the value checks aside: see _checks).
+    """
+    B, L, V = _check(OP, logits, "logits", targets, masked, p_mask)
+    if reduction not in REDUCTIONS:
+        _checks.fail(OP, f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
+    name = _backend.resolve(OP, backend, logits.device)
+    if name == "reference":
+        return reference.masked_diffusion_loss(logits, targets, masked, p_mask, reduction=reduction)
+
+    op = torch.ops.llada.masked_diffusion_loss_triton if name == "triton" else torch.ops.llada.masked_diffusion_loss
+    rows = logits.reshape(B * L, V)
+    losses, _ = op(rows if rows.stride(-1) == 1 else rows.contiguous(), targets.reshape(-1).contiguous(),
+                   _row_weights(masked, p_mask, B, L, logits.dtype))
+    return losses.sum() if reduction == "sum" else losses.view(B, L)
+
+
+def fused_linear_masked_diffusion_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    masked: torch.Tensor,
+    p_mask: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """masked_diffusion_loss(hidden @ weight.T + bias, ...) without materialising the logits.
+
+    Only the masked rows of hidden are gathered and multiplied by the lm_head, chunk_size rows at
+    a time: lm_head FLOPs scale with the number of masked rows, and the extra memory is one
+    [chunk_size, V] buffer of logits, never [B, L, V]. Each chunk's logits are overwritten in
+    place by their gradient (llada::masked_diffusion_loss_fwd_bwd), which is then multiplied out
+    into d hidden and d weight at once, so that backward only scales them by the upstream
+    gradient (the Liger-Kernel approach). Under torch.no_grad nothing is kept.
+
+    Args:
+        hidden: [B, L, D] float32, bfloat16, float16 (or float64), the last hidden states.
+        weight: [V, D], same dtype, the lm_head.
+        targets, masked, p_mask: as masked_diffusion_loss.
+        bias: [V] or None, same dtype.
+        chunk_size: rows per chunk; None sizes the [chunk, V] logits buffer to the larger of
+            the masked hidden rows and MIN_CHUNK_BYTES (16 MiB).
+        backend: the kernel that turns each chunk's logits into loss and gradient: "cpu",
+            "triton", "cuda", or "reference" (the eager full-logits definition).
+
+    Returns:
+        The loss, a float32 (float64) scalar, as masked_diffusion_loss.
+
+    Synchronisation: gathering the masked rows needs their number, so the host waits for the
+    device once per call (torch.nonzero). Under torch.compile the whole computation is one
+    opaque operator, so the graph does not break.
+
+    Memory: with gradients enabled, d hidden ([B, L, D], hidden's dtype), d weight ([V, D],
+    accumulated in float32 across chunks) and d bias are computed in the forward and kept
+    until backward, which scales them by the upstream gradient (see _fused_backward).
+    """
+    B, L, D = _check(FUSED_OP, hidden, "hidden", targets, masked, p_mask)
+    _checks.check_tensor(FUSED_OP, "weight", weight, dtypes=(hidden.dtype,), ndim=2)
+    _checks.check_shape(FUSED_OP, "weight", weight, ("V", D))
+    _checks.check_device(FUSED_OP, "weight", weight, hidden.device, "hidden")
+    V = weight.shape[0]
+    if bias is not None:
+        _checks.check_tensor(FUSED_OP, "bias", bias, dtypes=(hidden.dtype,), ndim=1)
+        _checks.check_shape(FUSED_OP, "bias", bias, (V,))
+        _checks.check_device(FUSED_OP, "bias", bias, hidden.device, "hidden")
+    _checks.check_index(FUSED_OP, "targets", targets, V, where=masked)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        _checks.fail(FUSED_OP, f"chunk_size must be a positive int or None; got {chunk_size!r}")
+    # The row kernels are what the backend provides; they live with masked_diffusion_loss.
+    name = _backend.resolve(OP, backend, hidden.device)
+    if name == "reference":
+        return reference.fused_linear_masked_diffusion_loss(hidden, weight, targets, masked, p_mask,
+                                                            bias=bias)
+    compute_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    loss, *_ = torch.ops.llada.fused_linear_masked_diffusion_loss(
+        hidden.reshape(B * L, D), weight, bias, targets.reshape(-1).contiguous(),
+        _row_weights(masked, p_mask, B, L, hidden.dtype), chunk_size or 0, name, compute_grad)
+    return loss
+
+
+def _check(op, x, x_name, targets, masked, p_mask):
+    """Checks shared by both forms; x is logits [B, L, V] or hidden [B, L, D]."""
+    _checks.check_tensor(op, x_name, x, dtypes=_checks.FLOAT_DTYPES + (torch.float64,), ndim=3)
+    B, L, last = x.shape
+    for name, t, dtypes in (("targets", targets, (torch.int64,)), ("masked", masked, (torch.bool,))):
+        _checks.check_tensor(op, name, t, dtypes=dtypes, ndim=2)
+        _checks.check_shape(op, name, t, (B, L))
+        _checks.check_device(op, name, t, x.device, x_name)
+    _checks.check_tensor(op, "p_mask", p_mask, dtypes=_checks.FLOAT_DTYPES + (torch.float64,))
+    if p_mask.dim() == 1:
+        _checks.check_shape(op, "p_mask", p_mask, (B,))
+    else:
+        _checks.check_shape(op, "p_mask", p_mask, (B, L))
+    _checks.check_device(op, "p_mask", p_mask, x.device, x_name)
+    _checks.check_positive_finite(op, "p_mask", p_mask)
+    if x_name == "logits":
+        _checks.check_index(op, "targets", targets, last, where=masked)
+    return B, L, last
+
+
+def _row_weights(masked, p_mask, B, L, dtype):
+    """[N] weights in the accumulation dtype: 1 / p_mask where masked, 0 elsewhere."""
+    acc = reference.accumulation_dtype(dtype)
+    p = reference.expand_p_mask(p_mask, B, L).to(acc)
+    return torch.where(masked, p.reciprocal(), 0).reshape(-1)
+
+
+# --- the row kernels: fakes and autograd -----------------------------------------------------
+
+def _rows_fake(logits, targets, weights):
+    return torch.empty_like(weights), torch.empty_like(weights)
+
+
+def _backward_fake(grad_losses, logits, targets, weights, lse):
+    return logits.new_empty(logits.shape)
+
+
+def _fwd_bwd_fake(logits, targets, weights):
+    return torch.empty_like(weights)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, targets, weights = inputs
+    ctx.save_for_backward(logits, targets, weights, output[1])
+    ctx.set_materialize_grads(False)  # lse is never differentiated: no zeros for its gradient
+
+
+def _autograd_backward(backward_op):
+    def backward(ctx, grad_losses, _grad_lse):
+        if grad_losses is None:
+            return None, None, None
+        logits, targets, weights, lse = ctx.saved_tensors
+        grad = backward_op(grad_losses.contiguous(), logits, targets, weights, lse)
+        return grad, None, None
+    return backward
+
+
+# --- the fused-linear composite ---------------------------------------------------------------
+
+def _chunk_rows(M, D, V, itemsize):
+    budget = max(MIN_CHUNK_BYTES, M * D * itemsize)
+    return max(1, min(M, budget // max(1, V * itemsize)))
+
+
+def _fused_impl(hidden, weight, bias, targets, weights, chunk_size, backend, compute_grad):
+    """hidden [N, D], weight [V, D], bias [V] or None, targets [N], weights [N] (0 = unmasked)."""
+    N, D = hidden.shape
+    V = weight.shape[0]
+    suffix = "_triton" if backend == "triton" else ""
+    fwd_bwd = getattr(torch.ops.llada, "masked_diffusion_loss_fwd_bwd" + suffix)
+    fwd = getattr(torch.ops.llada, "masked_diffusion_loss" + suffix)
+
+    rows = torch.nonzero(weights).squeeze(1)  # the one host sync: the masked count
+    M = rows.numel()
+    chunk = chunk_size if chunk_size > 0 else _chunk_rows(M, D, V, hidden.element_size())
+    loss = weights.new_zeros(())
+    acc = weights.dtype
+    if compute_grad:
+        grad_hidden = torch.zeros_like(hidden)
+        # d weight accumulates over chunks in the accumulation dtype.
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        grad_bias = torch.zeros(V, dtype=acc, device=weight.device) if bias is not None else None
+    for start in range(0, M, chunk):
+        index = rows[start:start + chunk]
+        h = hidden.index_select(0, index)                     # [C, D]
+        logits = F.linear(h, weight, bias)                    # [C, V]
+        t, w = targets.index_select(0, index), weights.index_select(0, index)
+        if not compute_grad:
+            loss += fwd(logits, t, w)[0].sum()
+            del logits, h
+            continue
+        loss += fwd_bwd(logits, t, w).sum()                   # logits := d loss / d logits
+        grad_hidden.index_copy_(0, index, logits @ weight)    # [C, D]
+        if grad_weight.dtype == logits.dtype:
+            grad_weight.addmm_(logits.t(), h)
+        else:
+            grad_weight += (logits.t() @ h).to(acc)
+        if grad_bias is not None:
+            grad_bias += logits.sum(0, dtype=acc)
+        del logits, h  # free this chunk before the next one is allocated
+    if not compute_grad:
+        empty = hidden.new_empty(0)
+        return loss, empty, empty.clone(), empty.clone()
+    grad_bias = grad_bias.to(hidden.dtype) if grad_bias is not None else hidden.new_empty(0)
+    return loss, grad_hidden, grad_weight.to(weight.dtype), grad_bias
+
+
+def _fused_fake(hidden, weight, bias, targets, weights, chunk_size, backend, compute_grad):
+    loss = weights.new_empty(())
+    if not compute_grad:
+        return loss, hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
+    return (loss, torch.empty_like(hidden), torch.empty_like(weight),
+            torch.empty_like(bias) if bias is not None else hidden.new_empty(0))
+
+
+def _fused_setup_context(ctx, inputs, output):
+    _, grad_hidden, grad_weight, grad_bias = output
+    ctx.has_bias = inputs[2] is not None
+    ctx.compute_grad = inputs[7]
+    ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+    # The gradient outputs are never differentiated: without this, autograd would hand backward
+    # a zero tensor for each of them, a [V, D] allocation for nothing.
+    ctx.set_materialize_grads(False)
+
+
+def _fused_backward(ctx, grad_loss, *_unused):
+    """The gradients computed in the forward, scaled by grad_loss. The products are new tensors
+    (scaling the saved ones in place would break retain_graph), so d weight is briefly held
+    twice: the backward's peak is one [V, D] above the forward's end."""
+    if grad_loss is None:
+        return (None,) * 8
+    if not ctx.compute_grad:
+        raise RuntimeError(f"{FUSED_OP}: called with compute_grad=False, so it kept no gradients")
+    grad_hidden, grad_weight, grad_bias = (g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
+    return (grad_hidden, grad_weight, grad_bias if ctx.has_bias else None,
+            None, None, None, None, None)
+
+
+def register():
+    """Fakes and autograd of the row kernels, and the fused-linear composite's kernels."""
+    for suffix, backward_op in (("", torch.ops.llada.masked_diffusion_loss_backward),
+                                ("_triton", torch.ops.llada.masked_diffusion_loss_backward_triton)):
+        torch.library.register_fake(f"llada::masked_diffusion_loss{suffix}")(_rows_fake)
+        torch.library.register_fake(f"llada::masked_diffusion_loss_backward{suffix}")(_backward_fake)
+        torch.library.register_fake(f"llada::masked_diffusion_loss_fwd_bwd{suffix}")(_fwd_bwd_fake)
+        torch.library.register_autograd(f"llada::masked_diffusion_loss{suffix}",
+                                        _autograd_backward(backward_op), setup_context=_setup_context)
+    torch.library.register_kernel(f"llada::{FUSED_OP}", ("cpu", "cuda"), _fused_impl)
+    torch.library.register_fake(f"llada::{FUSED_OP}")(_fused_fake)
+    torch.library.register_autograd(f"llada::{FUSED_OP}", _fused_backward,
+                                    setup_context=_fused_setup_context)

@@ -1,0 +1,71 @@
+"""Eager definition of the masked diffusion loss: the truth every backend is tested against,
+and the GUIDELINES.md formulas it is tested against in turn.
+
+LLaDA's loss (../shared/llada/SEMANTICS.md) is the cross-entropy of the masked positions only,
+each divided by its mask probability p_mask:
+
+    loss = sum over masked (b, l) of CE(logits[b, l], target[b, l]) / p_mask[b, l]
+
+Pre-training divides it by B * L; SFT folds the answer length into the divisor (p_mask *
+answer_length) and divides by B. The caller divides.
+
+`masked_diffusion_loss` is the op's definition: the cross-entropy is taken in fp32 (fp64 for fp64
+logits) whatever the logits' dtype, and its gradient comes back in the logits' dtype. The
+`guidelines_*` functions are the formulas as LLaDA's GUIDELINES.md writes them, in the logits'
+own dtype: the eager baselines of the benchmarks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def expand_p_mask(p_mask: torch.Tensor, B: int, L: int) -> torch.Tensor:
+    """p_mask [B] (per sequence) or [B, L] -> [B, L]."""
+    return p_mask[:, None].expand(B, L) if p_mask.dim() == 1 else p_mask
+
+
+def masked_diffusion_loss(logits, targets, masked, p_mask, *, reduction="sum"):
+    """logits [B, L, V], targets [B, L] int64, masked [B, L] bool, p_mask [B] or [B, L].
+
+    Returns the fp32 (fp64) sum of CE / p_mask over masked positions, or with reduction="none"
+    the [B, L] per-position terms (0 where not masked)."""
+    B, L, _ = logits.shape
+    acc = accumulation_dtype(logits.dtype)
+    p = expand_p_mask(p_mask, B, L).to(acc)
+    ce = F.cross_entropy(logits[masked].to(acc), targets[masked], reduction="none")
+    per_token = ce / p[masked]
+    if reduction == "sum":
+        return per_token.sum()
+    return torch.zeros((B, L), dtype=acc, device=logits.device).masked_scatter(masked, per_token)
+
+
+def fused_linear_masked_diffusion_loss(hidden, weight, targets, masked, p_mask, *, bias=None,
+                                       reduction="sum"):
+    """hidden [B, L, D], weight [V, D], bias [V] or None: masked_diffusion_loss of the full
+    logits hidden @ weight.T + bias (which it materialises, [B, L, V])."""
+    return masked_diffusion_loss(F.linear(hidden, weight, bias), targets, masked, p_mask,
+                                 reduction=reduction)
+
+
+# The formulas of LLaDA's GUIDELINES.md, in the logits' dtype, as the official code computes them.
+
+def guidelines_pretrain_loss(logits, input_ids, masked_indices, p_mask):
+    """logits [B, L, V], input_ids [B, L], masked_indices [B, L] bool, p_mask [B, L]."""
+    token_loss = F.cross_entropy(logits[masked_indices], input_ids[masked_indices],
+                                 reduction="none") / p_mask[masked_indices]
+    return token_loss.sum() / (input_ids.shape[0] * input_ids.shape[1])
+
+
+def guidelines_sft_loss(logits, input_ids, masked_indices, p_mask, prompt_lengths):
+    """As guidelines_pretrain_loss, plus prompt_lengths [B] int64; answer_length = L - prompt."""
+    B, L = input_ids.shape
+    answer_lengths = (L - prompt_lengths)[:, None].expand(B, L)
+    token_loss = F.cross_entropy(logits[masked_indices], input_ids[masked_indices],
+                                 reduction="none") / p_mask[masked_indices]
+    return (token_loss / answer_lengths[masked_indices]).sum() / B
