@@ -34,6 +34,8 @@ import llada_kernels
 from llada_kernels import training
 from llada_kernels.reference.loss import guidelines_pretrain_loss
 
+from _common import machine
+
 # name -> (form, shape); logits shapes are (B, L, V), fused shapes (B, L, D, V).
 CASES = {
     "cpu": {
@@ -139,8 +141,9 @@ def test_masked_diffusion_loss(benchmark, device, case, provider):
         sync()
 
     benchmark.group = f"{device}-{case}"
-    benchmark.extra_info.update(op="masked_diffusion_loss", provider=provider, case=case, device=device,
-                                dtype=str(DTYPE[device]).removeprefix("torch."))
+    benchmark.extra_info.update(op=f"masked_diffusion_loss[{CASES[device][case][0]}]", provider=provider,
+                                shape=case, device=device, dtype=str(DTYPE[device]).removeprefix("torch."),
+                                machine=machine(torch.device(device)))
     benchmark.pedantic(run, warmup_rounds=1, rounds=5 if device == "cpu" else 20)
     if CASES[device][case][0] == "fused":
         benchmark.extra_info["peak_extra_bytes"] = peak_memory(provider, case, device)
