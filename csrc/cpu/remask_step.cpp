@@ -109,20 +109,21 @@ struct Row {
   const T* uncond;  // kCfg only
   Vec scale;        // cfg_scale + 1
 
-  Vec combine(Vec c, const T* u, int64_t n) const {
+  // c: the conditional logits of ids [v, v + n).
+  Vec combine(Vec c, int64_t v, int64_t n) const {
     if constexpr (kCfg) {
-      const Vec un = n == kW ? load_fp32(u) : load_fp32_partial(u, n);
+      const Vec un = n == kW ? load_fp32(uncond + v) : load_fp32_partial(uncond + v, n);
       return un + scale * (c - un);
     } else {
       return c;
     }
   }
   // Ids [v, v + kW).
-  Vec at(int64_t v) const { return combine(load_fp32(cond + v), uncond + v, kW); }
+  Vec at(int64_t v) const { return combine(load_fp32(cond + v), v, kW); }
   // Ids [v, v + n), n <= kW; the other lanes hold `fill`.
   Vec at(int64_t v, int64_t n, float fill) const {
     if (n == kW) return at(v);
-    return Vec::set(Vec(fill), combine(load_fp32_partial(cond + v, n), uncond + v, n), n);
+    return Vec::set(Vec(fill), combine(load_fp32_partial(cond + v, n), v, n), n);
   }
   float one(int64_t v) const {
     __at_align__ float buf[kW];
@@ -160,25 +161,25 @@ struct Top2 {
 // statistic hide the latency of vmaxps.
 template <bool kTop2, class R>
 Top2 row_max(const R& row, const std::vector<Run>& runs) {
-  Vec m[2] = {Vec(-kInf), Vec(-kInf)}, s[2] = {Vec(-kInf), Vec(-kInf)};
-  auto take = [&](Vec x, int i) {
-    if constexpr (kTop2) s[i] = at::vec::maximum(s[i], at::vec::minimum(m[i], x));
-    m[i] = at::vec::maximum(m[i], x);
+  Vec m0(-kInf), m1(-kInf), s0(-kInf), s1(-kInf);
+  auto take = [](Vec x, Vec& m, Vec& s) {
+    if constexpr (kTop2) s = at::vec::maximum(s, at::vec::minimum(m, x));
+    m = at::vec::maximum(m, x);
   };
   for (const auto [begin, end] : runs) {
     int64_t v = begin;
     for (; v + 2 * kW <= end; v += 2 * kW) {
-      take(row.at(v), 0);
-      take(row.at(v + kW), 1);
+      take(row.at(v), m0, s0);
+      take(row.at(v + kW), m1, s1);
     }
-    for (; v < end; v += kW) take(row.at(v, std::min(kW, end - v), -kInf), 0);
+    for (; v < end; v += kW) take(row.at(v, std::min(kW, end - v), -kInf), m0, s0);
   }
   // The top two of the union of streams lie among each stream's top two.
   __at_align__ float lanes[4 * kW];
-  m[0].store(lanes);
-  m[1].store(lanes + kW);
-  s[0].store(lanes + 2 * kW);
-  s[1].store(lanes + 3 * kW);
+  m0.store(lanes);
+  m1.store(lanes + kW);
+  s0.store(lanes + 2 * kW);
+  s1.store(lanes + 3 * kW);
   Top2 top{-kInf, -kInf};
   for (const float f : lanes) {
     if (std::isnan(f)) return {kNaN, kNaN};
@@ -217,8 +218,8 @@ int64_t find_first(const R& row, const std::vector<Run>& runs, float target) {
 //   fma(T, kGumbelBound, lmax) < best   no id can win: no draw at all;
 //   otherwise                            8 Philox calls (the compiler vectorises them), and
 //                                        only ids whose draw could give g >= (best - lmax) / T
-//                                        (draw_cap) pay for logarithms: with LLM-like logits
-//                                        at T = 1, about 1 in 5000.
+//                                        (draw_cap) pay for logarithms: once the best is a
+//                                        few units above lmax, a small fraction (e^-G).
 // The tests are conservative (a margin covers the rounding of fma and of the logarithms), so
 // skipping is exact: the result does not depend on `start`, only the cost does.
 template <class R>
