@@ -66,18 +66,13 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 // 54 log 2 = 37.43): fma(T, kGumbelBound, l_v) bounds the noisy logit of id v.
 constexpr float kGumbelBound = 38.0f;
 
-// An upper bound of gumbel_from_bits(bits) without logarithms, from its definition in
-// common/random.h: n = bits >> 11, u = (n + 1/2) 2^-53, g = -log(-log u).
-//   u < 1/2:   g < -log(log 2) = 0.3665.
-//   u >= 1/2:  -log u >= 1 - u = w = (m + 1/2) 2^-53 with m = 2^53 - 1 - n, so
-//              g <= -log w = (53 - log2(m + 1/2)) log 2 <= (53 - floor(log2(m + 1/2))) log 2.
-// The margin covers the fp32 rounding of gumbel_from_bits (relative 1e-6 at most).
-inline float gumbel_upper_bound(uint64_t bits) {
-  const uint64_t n = bits >> 11;
-  if (n < (uint64_t(1) << 52)) return 0.37f;
-  const uint64_t m = ((uint64_t(1) << 53) - 1) - n;
-  const int floor_log2 = m ? 63 - __builtin_clzll(m) : -1;
-  return 0.6931472f * static_cast<float>(53 - floor_log2) + 1e-3f;
+// Which draws can give Gumbel noise g >= G? From gumbel_from_bits (common/random.h), with
+// n = bits >> 11, u = (n + 1/2) 2^-53 and g = -log(-log u): if u < 1/2, g < 0.3665; else
+// -log u >= 1 - u = w = (m + 1/2) 2^-53 with m = ~bits >> 11, so g <= -log w <= 53 log 2 - log m.
+// So for G > log 2, g >= G needs m <= 2^53 e^-G: the cap returned (UINT64_MAX: any draw).
+inline uint64_t draw_cap(double G) {
+  if (!(G > 0.7)) return std::numeric_limits<uint64_t>::max();  // NaN too
+  return static_cast<uint64_t>(std::ldexp(std::exp(-G), 53)) + 1;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -114,20 +109,21 @@ struct Row {
   const T* uncond;  // kCfg only
   Vec scale;        // cfg_scale + 1
 
-  Vec combine(Vec c, const T* u, int64_t n) const {
+  // c: the conditional logits of ids [v, v + n).
+  Vec combine(Vec c, int64_t v, int64_t n) const {
     if constexpr (kCfg) {
-      const Vec un = n == kW ? load_fp32(u) : load_fp32_partial(u, n);
+      const Vec un = n == kW ? load_fp32(uncond + v) : load_fp32_partial(uncond + v, n);
       return un + scale * (c - un);
     } else {
       return c;
     }
   }
   // Ids [v, v + kW).
-  Vec at(int64_t v) const { return combine(load_fp32(cond + v), uncond + v, kW); }
+  Vec at(int64_t v) const { return combine(load_fp32(cond + v), v, kW); }
   // Ids [v, v + n), n <= kW; the other lanes hold `fill`.
   Vec at(int64_t v, int64_t n, float fill) const {
     if (n == kW) return at(v);
-    return Vec::set(Vec(fill), combine(load_fp32_partial(cond + v, n), uncond + v, n), n);
+    return Vec::set(Vec(fill), combine(load_fp32_partial(cond + v, n), v, n), n);
   }
   float one(int64_t v) const {
     __at_align__ float buf[kW];
@@ -165,25 +161,25 @@ struct Top2 {
 // statistic hide the latency of vmaxps.
 template <bool kTop2, class R>
 Top2 row_max(const R& row, const std::vector<Run>& runs) {
-  Vec m[2] = {Vec(-kInf), Vec(-kInf)}, s[2] = {Vec(-kInf), Vec(-kInf)};
-  auto take = [&](Vec x, int i) {
-    if constexpr (kTop2) s[i] = at::vec::maximum(s[i], at::vec::minimum(m[i], x));
-    m[i] = at::vec::maximum(m[i], x);
+  Vec m0(-kInf), m1(-kInf), s0(-kInf), s1(-kInf);
+  auto take = [](Vec x, Vec& m, Vec& s) {
+    if constexpr (kTop2) s = at::vec::maximum(s, at::vec::minimum(m, x));
+    m = at::vec::maximum(m, x);
   };
   for (const auto [begin, end] : runs) {
     int64_t v = begin;
     for (; v + 2 * kW <= end; v += 2 * kW) {
-      take(row.at(v), 0);
-      take(row.at(v + kW), 1);
+      take(row.at(v), m0, s0);
+      take(row.at(v + kW), m1, s1);
     }
-    for (; v < end; v += kW) take(row.at(v, std::min(kW, end - v), -kInf), 0);
+    for (; v < end; v += kW) take(row.at(v, std::min(kW, end - v), -kInf), m0, s0);
   }
   // The top two of the union of streams lie among each stream's top two.
   __at_align__ float lanes[4 * kW];
-  m[0].store(lanes);
-  m[1].store(lanes + kW);
-  s[0].store(lanes + 2 * kW);
-  s[1].store(lanes + 3 * kW);
+  m0.store(lanes);
+  m1.store(lanes + kW);
+  s0.store(lanes + 2 * kW);
+  s1.store(lanes + 3 * kW);
   Top2 top{-kInf, -kInf};
   for (const float f : lanes) {
     if (std::isnan(f)) return {kNaN, kNaN};
@@ -218,11 +214,14 @@ int64_t find_first(const R& row, const std::vector<Run>& runs, float target) {
 
 // x0 = argmax_v fma(T, g(r, v), l_v) over `runs`, lowest id on ties; -1 if every value is
 // -inf or NaN. `start` (or -1) is a good guess, the argmax of l, whose noisy value is the
-// first best so far. An id is skipped as soon as a bound of its noisy value falls below the
-// best: first fma(T, kGumbelBound, l_v) (no draw at all), then fma(T, ub, l_v) with ub the
-// bound of its drawn bits (no logarithm). fma is monotone in g, so skipping is exact: the
-// result does not depend on `start`, only the cost does. With LLM-like logits most ids stop
-// at the second test, and the cost per id is half a Philox call.
+// first best so far. Ids go in blocks of 16 from an even id, with lmax their largest l:
+//   fma(T, kGumbelBound, lmax) < best   no id can win: no draw at all;
+//   otherwise                            8 Philox calls (the compiler vectorises them), and
+//                                        only ids whose draw could give g >= (best - lmax) / T
+//                                        (draw_cap) pay for logarithms: once the best is a
+//                                        few units above lmax, a small fraction (e^-G).
+// The tests are conservative (a margin covers the rounding of fma and of the logarithms), so
+// skipping is exact: the result does not depend on `start`, only the cost does.
 template <class R>
 int64_t noisy_argmax(const R& row, const std::vector<Run>& runs, float T, uint64_t seed,
                      int64_t r, int64_t start) {
@@ -237,23 +236,32 @@ int64_t noisy_argmax(const R& row, const std::vector<Run>& runs, float T, uint64
       arg = start;
     }
   }
-  __at_align__ float l[kW];
+  constexpr int64_t kPairs = kW, kBlock = 2 * kPairs;
+  __at_align__ float l[kBlock];
+  uint64_t draws[kBlock];  // even ids' draws, then odd ids'
   for (const auto [begin, end] : runs) {
-    int64_t pair = -1;  // the pair of ids whose two draws are in `bits`
-    uint64_t bits[2] = {0, 0};
-    for (int64_t v0 = begin; v0 < end; v0 += kW) {
-      const int64_t n = std::min(kW, end - v0);
-      row.at(v0, n, -kInf).store(l);
-      for (int64_t i = 0; i < n; ++i) {
-        if (!(std::fma(T, kGumbelBound, l[i]) >= best)) continue;  // also skips NaN
-        const int64_t v = v0 + i;
-        if ((v >> 1) != pair) {
-          pair = v >> 1;
-          gumbel_bits_pair(seed, r, pair, bits[0], bits[1]);
-        }
-        const uint64_t draw = bits[v & 1];
-        if (!(std::fma(T, gumbel_upper_bound(draw), l[i]) >= best)) continue;
+    for (int64_t v0 = begin & ~int64_t(1); v0 < end; v0 += kBlock) {
+      // l of ids [v0, v0 + kBlock) that lie in the run; -inf for the others.
+      const int64_t lo = std::max(v0, begin), hi = std::min(v0 + kBlock, end);
+      std::fill(l, l + kBlock, -kInf);
+      for (int64_t v = lo; v < hi; v += kW) {
+        const int64_t n = std::min(kW, hi - v);
+        row.at(v, n, -kInf).store(l + (v - v0), n);
+      }
+      float lmax = -kInf;
+      for (const float li : l) lmax = std::max(lmax, li);
+      if (!(std::fma(T, kGumbelBound, lmax) >= best)) continue;
+      for (int64_t i = 0; i < kPairs; ++i) {
+        gumbel_bits_pair(seed, r, (v0 >> 1) + i, draws[i], draws[kPairs + i]);
+      }
+      // fma(T, g, l) >= best needs T g + l >= best - ulp(best), so g >= G below.
+      const double G = (static_cast<double>(best) - std::abs(best) * 0x1p-23 - lmax) / T - 1e-3;
+      const uint64_t cap = draw_cap(G);
+      for (int64_t i = 0; i < kBlock; ++i) {
+        const uint64_t draw = draws[(i & 1) * kPairs + (i >> 1)];
+        if ((~draw >> 11) > cap) continue;
         const float y = std::fma(T, gumbel_from_bits(draw), l[i]);
+        const int64_t v = v0 + i;
         if (y > best || (y == best && v < arg)) {
           best = y;
           arg = v;
