@@ -74,7 +74,7 @@ def remask_step(
     first, on every backend. At temperature 0, a row whose argmax is tied takes the lowest id.
     A row whose confidence logits are all -inf scores 0.
     """
-    B, L, V = _check(logits, x, uncond_logits, remasking, temperature, mask_id)
+    B, L, V = _check(logits, x, uncond_logits, remasking, temperature, mask_id, threshold)
     device = logits.device
     name = _backend.resolve(OP, backend, device)
     suppress = _checks.check_ids(OP, "suppress_ids", suppress_ids, V)
@@ -104,7 +104,7 @@ def remask_step(
               None if threshold is None else float(threshold), suppress, zero_conf, seed)
 
 
-def _check(logits, x, uncond_logits, remasking, temperature, mask_id):
+def _check(logits, x, uncond_logits, remasking, temperature, mask_id, threshold):
     _checks.check_tensor(OP, "logits", logits, dtypes=_checks.FLOAT_DTYPES, ndim=3)
     B, L, V = logits.shape
     _checks.check_tensor(OP, "x", x, dtypes=(torch.int64,), ndim=2)
@@ -118,6 +118,8 @@ def _check(logits, x, uncond_logits, remasking, temperature, mask_id):
         _checks.fail(OP, f"remasking must be one of {REMASKING}; got {remasking!r}")
     if not temperature >= 0:  # also rejects NaN
         _checks.fail(OP, f"temperature must be >= 0; got {temperature}")
+    if threshold is not None and threshold != threshold:
+        _checks.fail(OP, f"threshold must be a number or None; got {threshold}")
     if isinstance(mask_id, bool) or not isinstance(mask_id, int) or not 0 <= mask_id < V:
         _checks.fail(OP, f"mask_id must be an int in [0, V={V}); got {mask_id!r}")
     if L >= 2**31:
