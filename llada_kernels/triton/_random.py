@@ -16,7 +16,7 @@ same tokens; only the last ulp of a log may differ. In short (random.h has the f
 
 Logs are libdevice's logf/log1pf, the accurate ones (never the approximate lg2). The Triton
 interpreter cannot call libdevice; there tl.log is numpy's float32 log, which is accurate,
-and log1p is derived from it (see _log1p).
+and log1p is derived from it (see precise_log1p).
 
 gumbel_noise() and gumbel_from_bits() expose the device functions to tests.
 """
@@ -34,7 +34,8 @@ _TWO_POW_M24: tl.constexpr = tl.constexpr(5.9604644775390625e-08)  # 2^-24
 
 
 @triton.jit
-def _log(x):
+def precise_log(x):
+    """Natural log of fp32 x, accurate to an ulp (libdevice logf)."""
     if _LIBDEVICE:
         return libdevice.log(x)
     else:
@@ -42,15 +43,16 @@ def _log(x):
 
 
 @triton.jit
-def _log1p(x):
+def precise_log1p(x):
+    """log(1 + x) of fp32 x, accurate for tiny x (libdevice log1pf)."""
     if _LIBDEVICE:
         return libdevice.log1p(x)
     else:
         # Interpreter: log1p(x) = log(u) * x / (u - 1) with u = fl(1 + x) (Goldberg, 1991):
-        # the rounding error of u cancels between log(u) and u - 1; exact where u == 1.
+        # the rounding error of u cancels between log(u) and u - 1; x itself where u == 1.
         u = 1.0 + x
         same = u == 1.0
-        return tl.where(same, x, _log(u) * (x / tl.where(same, 1.0, u - 1.0)))
+        return tl.where(same, x, precise_log(u) * (x / tl.where(same, 1.0, u - 1.0)))
 
 
 @triton.jit
@@ -70,8 +72,8 @@ def gumbel_from_bits(bits):
     # a = min(u, 1 - u) = (m + 1/2) 2^-53, with m = n below 1/2 and 2^53 - 1 - n above.
     m = tl.where(low, n, ((1 << 53) - 1) - n)
     a = (m.to(tl.float32) + 0.5) * _TWO_POW_M53
-    e = tl.where(low, -_log(a), -_log1p(-a))  # E = -log u
-    return -_log(e)
+    e = tl.where(low, -precise_log(a), -precise_log1p(-a))  # E = -log u
+    return -precise_log(e)
 
 
 @triton.jit

@@ -32,6 +32,7 @@ Kernel 2, _select_kernel: one program per row b, any L (BLOCK_L tiles).
 No host synchronisation: the seed is read in-kernel, the special ids are cached on the device.
 """
 
+import contextlib
 import functools
 
 import torch
@@ -40,7 +41,7 @@ import triton.language as tl
 
 from .._backend import interpreting
 from ._aot import AotSpec
-from ._random import _log, gumbel_tile, remask_uniform
+from ._random import gumbel_tile, precise_log, remask_uniform
 
 REMASKING = {"low_confidence": 0, "random": 1, "margin": 2, "entropy": 3}
 _LOW_CONFIDENCE: tl.constexpr = tl.constexpr(0)
@@ -70,6 +71,10 @@ def remask_step_triton(logits, uncond_logits, cfg_scale, x, num_transfer, block_
     device = logits.device
     if device.type == "cpu" and not interpreting():
         raise RuntimeError("remask_step_triton: CPU tensors need TRITON_INTERPRET=1")
+    if logits.stride(2) != 1 or (uncond_logits is not None and uncond_logits.stride(2) != 1):
+        raise ValueError("remask_step_triton: logits and uncond_logits need unit stride along V "
+                         f"(llada_kernels.remask_step ensures it); got strides {logits.stride()}"
+                         f"{'' if uncond_logits is None else f' and {uncond_logits.stride()}'}")
     sample = temperature > 0
     if seed is None and (sample or remasking == "random"):
         raise ValueError("remask_step_triton: seed ([1] int64) is required when temperature > 0 "
@@ -126,18 +131,7 @@ def _threshold_key(threshold):
 
 
 def _device_guard(device):
-    return torch.cuda.device(device) if device.type == "cuda" else _NO_GUARD
-
-
-class _NoGuard:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NO_GUARD = _NoGuard()
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,7 +228,7 @@ def _score_kernel(
         s_ref = tl.where(finite, s, 1.0)
         p_x0 = tl.exp(c_x0 - m_ref) / s_ref
         margin = (1.0 - tl.exp(m2 - m_ref)) / s_ref
-        neg_entropy = t / s_ref - _log(s_ref)
+        neg_entropy = t / s_ref - precise_log(s_ref)
         conf = tl.where(remasking == _LOW_CONFIDENCE, p_x0,
                         tl.where(remasking == _MARGIN, margin, neg_entropy))
         conf = tl.where(finite, conf, 0.0)
