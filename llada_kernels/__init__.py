@@ -12,15 +12,19 @@ except ImportError as e:  # a source checkout that was never built
     _backend._C_ERROR = str(e)
 
 from .ops.remask import remask_step  # noqa: E402
+from .ops.attention import bidirectional_attention  # noqa: E402
 
 if _backend._C_ERROR is None:
     from .ops import remask as _remask
 
     _remask.register_fakes()
+    from .ops import attention as _attention
+
+    _attention.register()
     if _backend._triton_error() is None:
         from .triton import remask_step as _triton_remask_step  # noqa: F401
 
 from ._backend import BackendUnavailable, available_backends  # noqa: E402
 
-__all__ = ["remask_step", "available_backends", "BackendUnavailable"]
+__all__ = ["remask_step", "bidirectional_attention", "available_backends", "BackendUnavailable"]
 __version__ = "0.1.0"

@@ -49,6 +49,7 @@ def default_backend(device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "cpu"
 
 
+@torch.compiler.assume_constant_result  # torch.compile cannot trace the dispatcher query
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """True when llada::<op> has a kernel for `dispatch_key` ("CPU", "CUDA")."""
     if _C_ERROR is not None:
