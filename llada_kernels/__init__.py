@@ -23,6 +23,7 @@ if _backend._C_ERROR is None:
     _attention.register()
     if _backend._triton_error() is None:
         from .triton import remask_step as _triton_remask_step  # noqa: F401
+        from .triton import bidirectional_attention as _triton_attention  # noqa: F401
 
 from ._backend import BackendUnavailable, available_backends  # noqa: E402
 
