@@ -13,7 +13,6 @@ and are skipped otherwise (the interpreter must be on before Triton kernels are 
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -292,10 +291,15 @@ def test_cuda_matches_reference(case, dtype):
 
 
 @needs_cuda
-@needs_triton
+@pytest.mark.skipif(_backend.interpreting(), reason="compiled Triton only")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CUDA_CASES, ids=str)
 def test_triton_gpu_matches_reference(case, dtype):
     *shape, kind = case
-    if not os.environ.get("TRITON_INTERPRET") == "1":
-        check_against_reference("triton", "cuda", shape, kind, dtype)
+    check_against_reference("triton", "cuda", shape, kind, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("layout", ["bshd", "strided_d"])
+def test_cuda_non_contiguous(layout):
+    check_against_reference("cuda", "cuda", (2, 4, 2, 70, 129, 64), "some", torch.bfloat16, layout)
