@@ -272,6 +272,26 @@ def test_triton_non_contiguous():
                             torch.bfloat16, "bshd")
 
 
+@pytest.mark.triton
+@needs_triton
+def test_triton_opcheck():
+    q, k, v, gen = make_inputs(1, 2, 1, 9, 13, 16, torch.float16, _triton_device())
+    mask = make_mask("some", 1, 13, gen).to(q.device)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    torch.library.opcheck(torch.ops.llada.bidirectional_attention_fwd_triton, (q, k, v, mask, 0.25))
+
+
+@pytest.mark.triton
+@needs_triton
+def test_triton_rejects_unsupported():
+    q, k, v, _ = make_inputs(1, 1, 1, 3, 3, 48, torch.bfloat16, _triton_device())
+    _bad(r"head dimension D must be one of \[16, 32, 64, 128\] on the triton backend; got 48",
+         q, k, v, backend="triton")
+    q, k, v, _ = make_inputs(1, 1, 1, 3, 3, 16, torch.float32, _triton_device())
+    _bad("q.dtype must be one of .* on the triton backend; got torch.float32", q, k, v,
+         backend="triton")
+
+
 # ---- CUDA C++ (a GPU) ---------------------------------------------------------------------
 
 needs_cuda = pytest.mark.skipif(
