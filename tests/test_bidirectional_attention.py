@@ -62,6 +62,9 @@ def make_inputs(B, Hq, Hkv, Lq, Lk, D, dtype, device="cpu", layout="contiguous",
             x = torch.randn(B, H, L, 2 * D, generator=gen)[..., ::2]
         else:
             x = torch.randn(B, H, L, D, generator=gen)
+        if layout == "offset":  # contiguous, but one element off 16-byte alignment
+            y = torch.empty(x.numel() + 1, device=device, dtype=dtype)[1:].view(x.shape)
+            return y.copy_(x)
         return x.to(device=device, dtype=dtype)
 
     return t(Hq, Lq), t(Hkv, Lk), t(Hkv, Lk), gen
@@ -147,7 +150,7 @@ def test_cpu_matches_reference(case, dtype):
 
 
 @needs_cpu
-@pytest.mark.parametrize("layout", ["bshd", "strided_d"])
+@pytest.mark.parametrize("layout", ["bshd", "strided_d", "offset"])
 def test_cpu_non_contiguous(layout):
     check_against_reference("cpu", "cpu", (2, 4, 2, 33, 70, 64), "some", torch.float32, layout)
 
@@ -267,9 +270,10 @@ def test_triton_matches_reference(case, dtype):
 
 @pytest.mark.triton
 @needs_triton
-def test_triton_non_contiguous():
+@pytest.mark.parametrize("layout", ["bshd", "offset"])
+def test_triton_non_contiguous(layout):
     check_against_reference("triton", _triton_device(), (1, 2, 1, 9, 20, 32), "some",
-                            torch.bfloat16, "bshd")
+                            torch.bfloat16, layout)
 
 
 @pytest.mark.triton
@@ -320,6 +324,6 @@ def test_triton_gpu_matches_reference(case, dtype):
 
 
 @needs_cuda
-@pytest.mark.parametrize("layout", ["bshd", "strided_d"])
+@pytest.mark.parametrize("layout", ["bshd", "strided_d", "offset"])
 def test_cuda_non_contiguous(layout):
     check_against_reference("cuda", "cuda", (2, 4, 2, 70, 129, 64), "some", torch.bfloat16, layout)

@@ -14,9 +14,10 @@
 // dV over every query tile of every query head of their group, then query tiles accumulate dQ.
 //
 // Extra memory is O(Lk D) per thread (the forward packs one KV head at a time) plus delta
-// [B, Hq, Lq]: never Lq x Lk. Every tile is converted to fp32 as it is packed; the products run in one register-blocked fp32 kernel on
-// at::vec::Vectorized (FMA). Tiles are zero-padded to whole register blocks, so the inner loops
-// have no tails. Key tiles whose keys are all padded are skipped.
+// [B, Hq, Lq]: never Lq x Lk. Every tile is converted to fp32 as it is packed; the products
+// run in one register-blocked fp32 kernel on at::vec::Vectorized (FMA). Tiles are zero-padded
+// to whole register blocks, so the inner loops have no tails. Key tiles whose keys are all
+// padded are skipped.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

@@ -387,11 +387,12 @@ void dispatch(at::ScalarType dtype, int64_t D, F&& f) {
   }
 }
 
-// The kernels read 16-byte chunks: a tensor whose rows are not 16-byte aligned is copied.
+// The kernels read 16-byte chunks: a tensor whose rows are not 16-byte aligned is copied
+// (clone, not contiguous(): a contiguous view at an odd offset must be copied too).
 at::Tensor aligned(const at::Tensor& t) {
   const bool ok = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 &&
                   t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0;
-  return ok ? t : t.contiguous();
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
 void set_strides(int64_t (&s)[3], const at::Tensor& t) {

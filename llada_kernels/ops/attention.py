@@ -129,7 +129,8 @@ def _make_backward(bwd):
 
 def register():
     for suffix in ("", "_triton"):
-        fwd, bwd = f"llada::bidirectional_attention_fwd{suffix}", f"llada::bidirectional_attention_bwd{suffix}"
+        fwd = f"llada::bidirectional_attention_fwd{suffix}"
+        bwd = f"llada::bidirectional_attention_bwd{suffix}"
         torch.library.register_fake(fwd)(_fwd_fake)
         torch.library.register_fake(bwd)(_bwd_fake)
         bwd_op = getattr(torch.ops.llada, f"bidirectional_attention_bwd{suffix}")

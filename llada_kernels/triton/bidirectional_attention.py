@@ -67,7 +67,8 @@ def _to(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Mask, Out, Lse,             # Q, Out [B, Hq, Lq, D]; K, V [B, Hkv, Lk, D]; Mask [B, Lk] u8; Lse [B, Hq, Lq] fp32
+    Q, K, V, Mask, Out, Lse,             # Q, Out [B, Hq, Lq, D]; K, V [B, Hkv, Lk, D]
+                                         # Mask [B, Lk] u8; Lse [B, Hq, Lq] fp32
     qk_scale,                            # scale * log2(e)
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_kl,
@@ -136,8 +137,10 @@ def _bwd_delta_kernel(
     offs_d = tl.arange(0, D)
     ok = (rows < Lq)[:, None]
     r64 = rows.to(tl.int64)[:, None]
-    o = tl.load(Out + b * stride_ob + h * stride_oh + r64 * stride_ol + offs_d[None, :], mask=ok, other=0.0)
-    g = tl.load(dO + b * stride_gb + h * stride_gh + r64 * stride_gl + offs_d[None, :], mask=ok, other=0.0)
+    o = tl.load(Out + b * stride_ob + h * stride_oh + r64 * stride_ol + offs_d[None, :],
+                mask=ok, other=0.0)
+    g = tl.load(dO + b * stride_gb + h * stride_gh + r64 * stride_gl + offs_d[None, :],
+                mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * g.to(tl.float32), axis=1)
     tl.store(Delta + bh * Lq + rows, delta, mask=rows < Lq)
 
@@ -193,7 +196,8 @@ def _bwd_dkdv_kernel(
                 dv += tl.dot(_operand(_to(pt, do.dtype, INTERPRET), INTERPRET), _operand(do, INTERPRET))
                 dpt = tl.dot(v, _operand(tl.trans(do), INTERPRET))
                 dst = pt * (dpt - delta[None, :])
-                dk += tl.dot(_operand(_to(dst, qt.dtype, INTERPRET), INTERPRET), _operand(tl.trans(qt), INTERPRET))
+                dk += tl.dot(_operand(_to(dst, qt.dtype, INTERPRET), INTERPRET),
+                             _operand(tl.trans(qt), INTERPRET))
     off = bhk * Lk * D + c64 * D + offs_d[None, :]
     tl.store(dK + off, _to(dk * scale, dK.dtype.element_ty, INTERPRET), mask=col_ok[:, None])
     tl.store(dV + off, _to(dv, dV.dtype.element_ty, INTERPRET), mask=col_ok[:, None])
