@@ -7,7 +7,7 @@
 // done once, in Python (llada_kernels/_checks.py); the C++ entry points only re-check what
 // Python cannot see.
 //
-// Shapes: B batch, L sequence length, V vocabulary.
+// Shapes: B batch, L sequence length, V vocabulary, H heads, D head dimension.
 
 #include <torch/library.h>
 
@@ -75,6 +75,34 @@ TORCH_LIBRARY(llada, m) {
   m.def("fused_linear_masked_diffusion_loss(Tensor hidden, Tensor weight, Tensor? bias, "
         "Tensor targets, Tensor weights, int chunk_size, str backend, bool compute_grad) -> "
         "(Tensor loss, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+
+  // Non-causal (bidirectional) attention with a key-padding mask and grouped KV heads.
+  //   q                 [B, Hq, Lq, D]  fp32 (CPU only) / bf16 / fp16, unit stride along D
+  //   k, v              [B, Hkv, Lk, D] same dtype, unit stride along D; Hq % Hkv == 0, and
+  //                     query head h reads KV head h / (Hq / Hkv)
+  //   key_padding_mask  [B, Lk] bool, contiguous, True = attend; None attends every key
+  //   scale             the softmax scale (the public op defaults it to 1 / sqrt(D))
+  // Returns out [B, Hq, Lq, D] (q's dtype, contiguous) and lse [B, Hq, Lq] fp32, the natural
+  // log-sum-exp of each row's scaled, masked scores. A row with no key to attend has out = 0
+  // and lse = +inf, so that the backward's exp(s - lse) is 0 there.
+#define BIDIRECTIONAL_ATTENTION_FWD_SCHEMA                                                    \
+  "(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale) "                    \
+  "-> (Tensor out, Tensor lse)"
+  m.def("bidirectional_attention_fwd" BIDIRECTIONAL_ATTENTION_FWD_SCHEMA);
+  m.def("bidirectional_attention_fwd_triton" BIDIRECTIONAL_ATTENTION_FWD_SCHEMA);
+#undef BIDIRECTIONAL_ATTENTION_FWD_SCHEMA
+
+  // Its backward, recomputing the probabilities from lse (the forward's outputs).
+  //   grad_out  [B, Hq, Lq, D], unit stride along D; out [B, Hq, Lq, D]; lse [B, Hq, Lq] fp32
+  //   q, k, v, key_padding_mask, scale as in the forward
+  // Returns dq [B, Hq, Lq, D] and dk, dv [B, Hkv, Lk, D] (summed over each group's query
+  // heads), contiguous, in q's dtype.
+#define BIDIRECTIONAL_ATTENTION_BWD_SCHEMA                                                    \
+  "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor out, "    \
+  "Tensor lse, float scale) -> (Tensor dq, Tensor dk, Tensor dv)"
+  m.def("bidirectional_attention_bwd" BIDIRECTIONAL_ATTENTION_BWD_SCHEMA);
+  m.def("bidirectional_attention_bwd_triton" BIDIRECTIONAL_ATTENTION_BWD_SCHEMA);
+#undef BIDIRECTIONAL_ATTENTION_BWD_SCHEMA
 
   // Test hook for the noise contract shared by every backend (csrc/common/random.h):
   // maps raw 64-bit Philox words [N] int64 to standard Gumbel noise [N] fp32.

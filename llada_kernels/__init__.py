@@ -13,20 +13,24 @@ except ImportError as e:  # a source checkout that was never built
 
 from .ops.remask import remask_step  # noqa: E402
 from .ops.loss import fused_linear_masked_diffusion_loss, masked_diffusion_loss  # noqa: E402
+from .ops.attention import bidirectional_attention  # noqa: E402
 
 if _backend._C_ERROR is None:
     from .ops import remask as _remask
 
     _remask.register_fakes()
     from .ops import loss as _loss
+    from .ops import attention as _attention
 
     _loss.register()
+    _attention.register()
     if _backend._triton_error() is None:
         from .triton import remask_step as _triton_remask_step  # noqa: F401
         from .triton import masked_diffusion_loss as _triton_loss  # noqa: F401
+        from .triton import bidirectional_attention as _triton_attention  # noqa: F401
 
 from ._backend import BackendUnavailable, available_backends  # noqa: E402
 
 __all__ = ["remask_step", "masked_diffusion_loss", "fused_linear_masked_diffusion_loss",
-           "available_backends", "BackendUnavailable"]
+           "bidirectional_attention", "available_backends", "BackendUnavailable"]
 __version__ = "0.1.0"

@@ -91,3 +91,15 @@ def check_positive_finite(op: str, name: str, t: torch.Tensor):
     bad = ~(torch.isfinite(t) & (t > 0))
     if bool(bad.any()):
         fail(op, f"{name} must be finite and > 0; got {t[bad][0].item()}")
+
+
+def check_in(op: str, name: str, value, allowed: Sequence, context: str = ""):
+    """value is one of `allowed`; `context` says who restricts it (e.g. " on the cuda backend")."""
+    if value not in allowed:
+        fail(op, f"{name} must be one of {list(allowed)}{context}; got {value!r}")
+
+
+def check_multiple(op: str, name: str, value: int, divisor: int, divisor_name: str):
+    """value is a positive multiple of divisor (e.g. query heads of KV heads)."""
+    if divisor <= 0 or value % divisor != 0:
+        fail(op, f"{name} ({value}) must be a multiple of {divisor_name} ({divisor})")
