@@ -160,6 +160,8 @@ def test_other_remasking_modes_fill_every_mask(model, remasking):
                    remasking=remasking, generator=torch.Generator().manual_seed(0))
     assert not (out == MASK).any()
     assert torch.equal(out[:, :7], p)
+    assert not torch.equal(out, generate(model, p, am, steps=8, gen_length=16, block_length=8,
+                                         mask_id=MASK))  # the order matters, so do the tokens
 
 
 def test_threshold_decoding_counts_model_calls(model):
