@@ -136,7 +136,7 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
 
     stats = GenerateStats()
     rows = torch.arange(B, device=device)  # the rows still being generated (stop_at_eos)
-    bar = _progress_bar(progress, steps)
+    bar = _progress_bar(progress, steps if threshold is None else None)  # threshold: unknown
     for nb in range(gen_length // block_length):
         s = Lp + nb * block_length
         e = s + block_length
@@ -158,7 +158,7 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
             else:
                 cond, un = _full_logits(model, xa, ama, pia, lo, e, cfg_scale, mask_id)
             xw, _ = llada_kernels.remask_step(
-                cond, xa[:, lo:e], k, mask_id=mask_id, temperature=temperature,
+                cond, xa[:, lo:e].contiguous(), k, mask_id=mask_id, temperature=temperature,
                 remasking=remasking, threshold=threshold, uncond_logits=un, cfg_scale=cfg_scale,
                 suppress_ids=suppress, zero_confidence_ids=zero_conf, generator=generator,
                 backend=remask_backend)
