@@ -24,6 +24,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 def _demo(args):
     from . import demo
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = demo.DemoConfig.quick() if args.quick else demo.DemoConfig()
     cfg.seed = args.seed
     demo.run(cfg)
@@ -78,6 +80,8 @@ def main(argv=None) -> int:
     d = sub.add_parser("demo", help="train a tiny LLaDA on CPU and sample from it")
     d.add_argument("--quick", action="store_true", help="the short version (under a minute)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 avoids oversubscription on a busy machine)")
     d.set_defaults(func=_demo)
 
     g = sub.add_parser("generate", help="sample from a released checkpoint")

@@ -36,12 +36,12 @@ class DemoConfig:
     digits: int = 6            # n: the string length; chance exact-match is 10^-n
     gen_length: int = 8        # n digits, EOS, EOS padding
     block_length: int = 4
-    d_model: int = 128
-    n_layers: int = 3
+    d_model: int = 96
+    n_layers: int = 2
     n_heads: int = 4
     batch_size: int = 64
-    pretrain_steps: int = 600
-    sft_steps: int = 900
+    pretrain_steps: int = 200
+    sft_steps: int = 700
     lr: float = 3e-3
     eval_examples: int = 256
     seed: int = 0

@@ -76,8 +76,8 @@ def _identity_head(inner, t, tied):
 def _mask_id(model, mask_id):
     if mask_id is not None:
         return mask_id
-    config = getattr(model, "config", None)
-    return getattr(config, "mask_token_id", None) or LLADA_MASK_ID
+    mask_id = getattr(getattr(model, "config", None), "mask_token_id", None)
+    return LLADA_MASK_ID if mask_id is None else mask_id
 
 
 # ---- pre-training and SFT ---------------------------------------------------------------------
