@@ -101,5 +101,7 @@ setup(
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy"],
-    extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark"]},
+    extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark"],
+                    "cli": ["tokenizers", "tqdm"]},
+    entry_points={"console_scripts": ["llada-kernels = llada_kernels.cli:main"]},
 )

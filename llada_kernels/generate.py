@@ -1,0 +1,276 @@
+"""LLaDA's sampler on remask_step: the reference `generate()` with its signature and, at
+temperature 0, its tokens, plus Fast-dLLM threshold decoding, Dream's margin and entropy
+confidences, per-row stop at EOS and a prefix KV cache.
+
+Where the time goes in the reference, and what this sampler does instead:
+  * the lm_head runs over the whole sequence every step: here only over the current block
+    (hidden states of the other positions never meet the [V, D] head);
+  * CFG materialises three [B, L, V] tensors: here the conditional and unconditional rows come
+    from one batched model call and remask_step combines them on the fly;
+  * a Python loop over the batch runs torch.topk per row: here remask_step takes a [B] tensor
+    of per-row counts, so a step has no loop and no host synchronisation.
+
+Shapes: B batch, Lp prompt length, L = Lp + gen_length, W the logits window of a block
+(its width is block_length unless the prompt itself holds mask tokens), V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+import llada_kernels
+
+from . import _ops_compat
+from .ops.remask import REMASKING
+
+LLADA_MASK_ID = 126336
+LLADA_EOS_ID = 126081
+LLADA_EOT_ID = 126348
+
+
+@dataclass
+class GenerateStats:
+    """What a generate() call did. model_calls counts forward passes of the model (a CFG
+    step is one call on a doubled batch)."""
+
+    model_calls: int = 0
+    calls_per_block: list[int] = field(default_factory=list)
+    finished_rows_per_block: list[int] = field(default_factory=list)
+
+
+def num_transfer_schedule(block_masked: torch.Tensor, steps: int) -> torch.Tensor:
+    """[B] masked counts of a block -> [B, steps] tokens to commit per step: every step gets
+    m // steps and the first m % steps steps one more (LLaDA's get_num_transfer_tokens,
+    without its loop over the batch)."""
+    base, rem = block_masked // steps, block_masked % steps
+    return base[:, None] + (torch.arange(steps, device=block_masked.device) < rem[:, None])
+
+
+@torch.no_grad()
+def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, block_length=128,
+             temperature=0., cfg_scale=0., remasking="low_confidence", mask_id=LLADA_MASK_ID,
+             logits_eos_inf=False, confidence_eos_eot_inf=False, *, eos_id=LLADA_EOS_ID,
+             eot_id=LLADA_EOT_ID, threshold=None, stop_at_eos=False, prefix_cache=False,
+             progress=False, generator=None, backend=None, return_stats=False):
+    """Sample a completion of every prompt by semi-autoregressive masked diffusion.
+
+    The first eleven arguments are those of LLaDA's generate() (ML-GSAI/LLaDA generate.py), in
+    its order and with its defaults; at temperature 0 the tokens are identical to it (see
+    "Differences" for the tie rules).
+
+    Args:
+        model: an LLaDAModel (fast path: hidden states, lm_head on the current block only), or
+            any module whose `model(x, attention_mask=...)` returns `.logits` [B, L, V] and which
+            has `.device`, such as the released model (logits over the whole sequence).
+        prompt: [B, Lp] int64, left-padded when prompts differ in length.
+        attention_mask: [B, Lp] (1 = token, 0 = padding) or None. Padding keys are hidden
+            from every query; generated positions are always attended.
+        steps: sampling steps in all; a multiple of gen_length / block_length.
+        gen_length: tokens to generate; a multiple of block_length.
+        block_length: the semi-autoregressive block. Blocks are decoded left to right, each in
+            steps / num_blocks steps.
+        temperature: 0 = argmax; T > 0 = Gumbel-max sampling with float64-quality noise.
+        cfg_scale: classifier-free guidance s: logits = un + (s + 1) (cond - un), where the
+            unconditional input has every prompt position (padding included) masked.
+        remasking: "low_confidence" (softmax probability of the chosen token), "random",
+            "margin" (top-1 minus top-2 probability) or "entropy" (negative entropy).
+        mask_id: the mask token id.
+        logits_eos_inf: never choose eos_id (LLaDA's Appendix B.4).
+        confidence_eos_eot_inf: give EOS and EoT zero confidence at temperature 0, and EoT only
+            at temperature > 0, exactly as the reference does.
+        eos_id, eot_id: the EOS and EoT ids (the reference hard-codes LLaDA-8B's).
+        threshold: Fast-dLLM parallel decoding. Each step commits, per row, its most confident
+            candidate plus every candidate whose fp32 confidence >= threshold, and a block ends
+            when it has no mask left; `steps` then only has to be valid. The number of model
+            calls depends on the model's confidence: see return_stats. (SGLang's strict rule,
+            confidence > tau, is threshold = torch.nextafter(tau, inf) in fp32.)
+        stop_at_eos: after each block, a row whose generation so far holds eos_id is finished:
+            its remaining positions become eos_id (what LLaDA's SFT data trains as padding) and
+            it leaves the batch, so later blocks cost nothing for it. Rows still running get
+            the same tokens as without stop_at_eos.
+        prefix_cache: Fast-dLLM's prefix KV cache (LLaDAModel only). At each block's first
+            step the whole sequence runs and every layer's keys and values left of the block
+            are kept; the block's other steps run only the block and what follows it, against
+            the cached prefix. APPROXIMATE: with bidirectional attention the cached prefix
+            keys should change as the block fills in, and here they do not. Tokens can differ
+            from the exact sampler; the demo reports the accuracy difference.
+        progress: show a tqdm progress bar over the steps, if tqdm is installed.
+        generator: torch.Generator for temperature > 0 and "random" (on the model's device).
+        backend: remask_step's backend (None = its default; "reference" = eager).
+        return_stats: also return a GenerateStats.
+
+    Returns:
+        x [B, Lp + gen_length] int64 (prompt then generation), and a GenerateStats with
+        return_stats.
+
+    Differences from the reference, all deliberate:
+        * confidences are fp32 whatever the logits' dtype, and equal confidences commit the
+          lower position first (torch.topk leaves ties unspecified);
+        * cfg_scale > 0 with attention_mask=None works (the reference raises NameError);
+        * host synchronisation: none per step, except in threshold mode (one per step, to know
+          whether the block is done) and with stop_at_eos (one per block).
+    """
+    B, Lp = _check(model, prompt, attention_mask, steps, gen_length, block_length, temperature,
+                   cfg_scale, remasking, mask_id, threshold, prefix_cache)
+    device = model.device
+    steps_per_block = steps // (gen_length // block_length)
+    remask_backend = _ops_compat.remask_backend(backend, device)
+    suppress = (eos_id,) if logits_eos_inf else ()
+    zero_conf = (((eos_id, eot_id) if temperature == 0 else (eot_id,))
+                 if confidence_eos_eot_inf else ())
+    fast = hasattr(model, "hidden_states") and hasattr(model, "lm_head")
+
+    x = torch.full((B, Lp + gen_length), mask_id, dtype=torch.long, device=device)
+    x[:, :Lp] = prompt
+    am = None
+    if attention_mask is not None:
+        am = torch.cat([attention_mask.to(device),
+                        torch.ones(B, gen_length, dtype=attention_mask.dtype, device=device)], -1)
+    prompt_index = x != mask_id                                              # [B, L]
+    # Masks inside the prompt are candidates in every block, as in the reference; the logits
+    # window then starts at the first of them (one host sync, here, once).
+    prompt_masked = (prompt == mask_id).any(0)
+    first_prompt_mask = int(prompt_masked.nonzero()[0]) if bool(prompt_masked.any()) else None
+
+    stats = GenerateStats()
+    rows = torch.arange(B, device=device)  # the rows still being generated (stop_at_eos)
+    bar = _progress_bar(progress, steps if threshold is None else None)  # threshold: unknown
+    for nb in range(gen_length // block_length):
+        s = Lp + nb * block_length
+        e = s + block_length
+        lo = s if first_prompt_mask is None else min(first_prompt_mask, s)
+        xa, ama, pia = (x, am, prompt_index) if len(rows) == B else (
+            x[rows], None if am is None else am[rows], prompt_index[rows])
+        schedule = num_transfer_schedule((xa[:, s:e] == mask_id).sum(1), steps_per_block)
+        cache = None
+        calls = 0
+        while True:
+            if threshold is None and calls == steps_per_block:
+                break
+            if threshold is not None and (calls == e - lo or not bool((xa[:, lo:e] == mask_id).any())):
+                break
+            k = schedule[:, calls] if threshold is None else 1
+            if fast:
+                cond, un, cache = _block_logits(model, xa, ama, pia, lo, e, cfg_scale, mask_id,
+                                                prefix_cache, cache)
+            else:
+                cond, un = _full_logits(model, xa, ama, pia, lo, e, cfg_scale, mask_id)
+            xw, _ = llada_kernels.remask_step(
+                cond, xa[:, lo:e].contiguous(), k, mask_id=mask_id, temperature=temperature,
+                remasking=remasking, threshold=threshold, uncond_logits=un, cfg_scale=cfg_scale,
+                suppress_ids=suppress, zero_confidence_ids=zero_conf, generator=generator,
+                backend=remask_backend)
+            xa[:, lo:e] = xw
+            calls += 1
+            if bar is not None:
+                bar.update(1)
+        stats.model_calls += calls
+        stats.calls_per_block.append(calls)
+        if xa is not x:
+            x[rows] = xa
+        if stop_at_eos:
+            done = (x[rows, Lp:e] == eos_id).any(1)                          # [B']
+            x[rows[done], e:] = eos_id
+            rows = rows[~done]
+            stats.finished_rows_per_block.append(B - len(rows))
+            if len(rows) == 0:
+                break
+    if bar is not None:
+        bar.close()
+    return (x, stats) if return_stats else x
+
+
+def _cfg_batch(x, am, prompt_index, mask_id):
+    """[x; x with every prompt position masked] and the doubled attention mask."""
+    un_x = x.masked_fill(prompt_index, mask_id)
+    return torch.cat([x, un_x]), None if am is None else torch.cat([am, am])
+
+
+def _block_logits(model, x, am, prompt_index, lo, hi, cfg_scale, mask_id, prefix_cache, cache):
+    """LLaDAModel path: logits [B, hi - lo, V] of the window only (and the unconditional
+    ones with CFG). With prefix_cache, `cache` is (start, per-layer kv) of the block."""
+    B = x.shape[0]
+    xin, amin = _cfg_batch(x, am, prompt_index, mask_id) if cfg_scale > 0 else (x, am)
+    if not prefix_cache:
+        h = model.hidden_states(xin, amin)[:, lo:hi]                         # [B(x2), W, D]
+    elif cache is None:
+        h, kv = model.hidden_states(xin, amin, return_kv=True)
+        cache = (lo, [(k[:, :, :lo], v[:, :, :lo]) for k, v in kv])
+        h = h[:, lo:hi]
+    else:
+        start, kv = cache
+        h = model.hidden_states(xin[:, start:], amin, past_kv=kv)[:, lo - start:hi - start]
+    logits = model.lm_head(h)                                                # [B(x2), W, V]
+    if cfg_scale > 0:
+        return logits[:B], logits[B:], cache
+    return logits, None, cache
+
+
+def _full_logits(model, x, am, prompt_index, lo, hi, cfg_scale, mask_id):
+    """Any model with .logits: the whole sequence's logits, sliced to the window."""
+    B = x.shape[0]
+    xin, amin = _cfg_batch(x, am, prompt_index, mask_id) if cfg_scale > 0 else (x, am)
+    logits = model(xin, attention_mask=amin).logits[:, lo:hi]
+    if cfg_scale > 0:
+        return logits[:B], logits[B:]
+    return logits, None
+
+
+def _progress_bar(progress, total):
+    if not progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="generate", unit="step", leave=False)
+
+
+def _fail(msg, exc=ValueError):
+    raise exc(f"generate: {msg}")
+
+
+def _check(model, prompt, attention_mask, steps, gen_length, block_length, temperature,
+           cfg_scale, remasking, mask_id, threshold, prefix_cache):
+    if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.dtype != torch.long:
+        got = (f"{prompt.dtype} tensor of shape {list(prompt.shape)}" if isinstance(prompt, torch.Tensor)
+               else type(prompt).__name__)
+        _fail(f"prompt must be a [B, Lp] int64 tensor; got {got}", TypeError)
+    B, Lp = prompt.shape
+    for name, v in (("steps", steps), ("gen_length", gen_length), ("block_length", block_length)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            _fail(f"{name} must be a positive int; got {v!r}")
+    if gen_length % block_length:
+        _fail(f"gen_length ({gen_length}) must be a multiple of block_length ({block_length})")
+    num_blocks = gen_length // block_length
+    if steps % num_blocks:
+        _fail(f"steps ({steps}) must be a multiple of the number of blocks "
+              f"(gen_length / block_length = {num_blocks})")
+    if remasking not in REMASKING:
+        _fail(f"remasking must be one of {REMASKING}; got {remasking!r}")
+    if not temperature >= 0:
+        _fail(f"temperature must be >= 0; got {temperature}")
+    if not cfg_scale >= 0:
+        _fail(f"cfg_scale must be >= 0; got {cfg_scale}")
+    if threshold is not None and not (isinstance(threshold, (int, float)) and abs(threshold) < float("inf")):
+        _fail(f"threshold must be a finite float or None; got {threshold!r}")
+    config = getattr(model, "config", None)
+    max_len = getattr(config, "max_sequence_length", None)
+    if max_len is not None and Lp + gen_length > max_len:
+        _fail(f"prompt length {Lp} + gen_length {gen_length} = {Lp + gen_length} exceeds the "
+              f"model's max_sequence_length ({max_len})")
+    if getattr(config, "pad_token_id", None) == mask_id:
+        _fail(f"the model's pad_token_id equals mask_id ({mask_id}); padding would be decoded "
+              "as masks. Pad with another id (LLaDA pads with EOS)")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, Lp):
+            got = list(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+            _fail(f"attention_mask must have the prompt's shape {[B, Lp]}; got {got}")
+        if bool(((attention_mask == 0) & (prompt.to(attention_mask.device) == mask_id)).any()):
+            _fail(f"the prompt's padding uses mask_id ({mask_id}); the sampler would decode it. "
+                  "Pad with another id (LLaDA pads with EOS)")
+    if prefix_cache and not hasattr(model, "hidden_states"):
+        _fail("prefix_cache needs an LLaDAModel (a model with hidden_states(past_kv=...))")
+    return B, Lp

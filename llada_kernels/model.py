@@ -1,0 +1,309 @@
+"""LLaDA, the masked diffusion LM, as a small readable PyTorch model on llada_kernels' ops.
+
+The architecture is LLaDA-8B's (the released `modeling_llada.py`, llama block type): RMSNorm,
+NeoX-style RoPE, SwiGLU, optional grouped KV heads, and attention with no causal mask. The
+module tree reproduces the released parameter names exactly (`model.transformer.wte.weight`,
+`model.transformer.blocks.{i}.q_proj.weight`, ...), so a released state dict loads as is.
+
+Shapes: B batch, L sequence, P cached prefix, D d_model, H query heads, Hkv key/value heads,
+Dh head dim, F mlp hidden size, V vocabulary (embedding_size rows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from . import _ops_compat
+
+# Released config fields that name an architecture choice, with the one value this model
+# implements. A config asking for anything else is refused rather than silently misread.
+_SUPPORTED = {
+    "block_type": "llama", "activation_type": "silu", "layer_norm_type": "rms", "rope": True,
+    "alibi": False, "input_emb_norm": False, "scale_logits": False, "attention_layer_norm": False,
+    "block_group_size": 1, "include_bias": False, "flash_attention": None, "multi_query_attention": None,
+}
+
+
+@dataclass
+class LLaDAConfig:
+    """The fields of LLaDA's released `config.json` that the model reads, by their names.
+    Every other field is kept in `extra` (and written back by `to_dict`)."""
+
+    d_model: int = 4096
+    n_heads: int = 32
+    n_kv_heads: int | None = None        # None = n_heads
+    n_layers: int = 32
+    mlp_hidden_size: int | None = 12288  # None = mlp_ratio * d_model
+    mlp_ratio: int = 4
+    vocab_size: int = 126464
+    embedding_size: int | None = 126464  # rows of wte / ff_out; None = vocab_size
+    max_sequence_length: int = 4096
+    rope_theta: float = 500000.0
+    rms_norm_eps: float = 1e-5
+    mask_token_id: int = 126336
+    eos_token_id: int = 126081
+    pad_token_id: int = 126081
+    weight_tying: bool = False
+    include_qkv_bias: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name, want in _SUPPORTED.items():
+            got = self.extra.get(name, want)
+            if got != want and not (want is None and not got):
+                raise ValueError(f"LLaDAConfig: {name}={got!r} is not supported (this model "
+                                 f"implements {name}={want!r}, as LLaDA-8B)")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"LLaDAConfig: d_model={self.d_model} must be a multiple of "
+                             f"n_heads={self.n_heads}")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"LLaDAConfig: n_heads={self.n_heads} must be a multiple of "
+                             f"n_kv_heads={self.kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"LLaDAConfig: the head dim d_model / n_heads = {self.head_dim} "
+                             "must be even for RoPE")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def hidden_size(self) -> int:
+        return self.mlp_hidden_size or self.mlp_ratio * self.d_model
+
+    @property
+    def rows(self) -> int:
+        return self.embedding_size or self.vocab_size
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LLaDAConfig:
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in d.items() if k in names}
+        extra = {k: v for k, v in d.items() if k not in names}
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"architectures": ["LLaDAModelLM"], "model_type": "llada", **_SUPPORTED}
+        out = {k: v for k, v in out.items() if v is not None}
+        out.update(self.extra)
+        out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                    if f.name != "extra"})
+        return out
+
+
+@dataclass
+class LLaDAOutput:
+    logits: torch.Tensor                          # [B, L, V]
+    hidden_states: torch.Tensor | None = None     # [B, L, D], after ln_f
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) in fp32, cast back to x's dtype, then times the weight (as released)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+def rope_tables(head_dim: int, theta: float, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [length, Dh] in fp32 for positions 0..length-1 (NeoX layout: both halves share
+    a frequency)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float) / head_dim)
+    freqs = torch.outer(torch.arange(length, device=device, dtype=torch.float), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(t, cos, sin):
+    """t [B, H, L, Dh] rotated in fp32 by cos/sin [L, Dh]; returned in t's dtype."""
+    t32 = t.float()
+    t1, t2 = t32.chunk(2, dim=-1)
+    rotated = torch.cat((-t2, t1), dim=-1)
+    return (t32 * cos + rotated * sin).to(t.dtype)
+
+
+class LLaDABlock(nn.Module):
+    """h = x + attn_out(attention(rope(q), rope(k), v)) on attn_norm(x);
+    y = h + ff_out(silu(ff_proj(m)) * up_proj(m)) with m = ff_norm(h)."""
+
+    def __init__(self, cfg: LLaDAConfig):
+        super().__init__()
+        D, Dh, F_ = cfg.d_model, cfg.head_dim, cfg.hidden_size
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, Dh
+        self.attn_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(D, cfg.n_heads * Dh, bias=cfg.include_qkv_bias)
+        self.k_proj = nn.Linear(D, cfg.kv_heads * Dh, bias=cfg.include_qkv_bias)
+        self.v_proj = nn.Linear(D, cfg.kv_heads * Dh, bias=cfg.include_qkv_bias)
+        self.attn_out = nn.Linear(D, D, bias=False)
+        self.ff_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.ff_proj = nn.Linear(D, F_, bias=False)  # the SwiGLU gate
+        self.up_proj = nn.Linear(D, F_, bias=False)
+        self.ff_out = nn.Linear(F_, D, bias=False)
+
+    def forward(self, x, cos, sin, key_mask, past_kv=None, backend=None):
+        """x [B, L, D]; cos/sin [L, Dh] for x's positions; key_mask [B, P+L] bool or None;
+        past_kv: (k, v) [B, Hkv, P, Dh] of a cached prefix. Returns y [B, L, D] and this
+        layer's (k, v) [B, Hkv, P+L, Dh]."""
+        B, L, _ = x.shape
+        n = self.attn_norm(x)
+        q = self.q_proj(n).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)     # [B, H, L, Dh]
+        k = self.k_proj(n).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, L, Dh]
+        v = self.v_proj(n).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, L, Dh]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past_kv is not None:
+            k = torch.cat((past_kv[0], k), dim=2)                                       # [B, Hkv, P+L, Dh]
+            v = torch.cat((past_kv[1], v), dim=2)
+        a = _ops_compat.attention(q, k, v, key_mask, backend=backend)                   # [B, H, L, Dh]
+        h = x + self.attn_out(a.transpose(1, 2).reshape(B, L, -1))
+        m = self.ff_norm(h)
+        return h + self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m)), (k, v)
+
+
+class _Backbone(nn.Module):
+    """Holds `transformer` so that parameter names start with `model.transformer.`."""
+
+    def __init__(self, cfg: LLaDAConfig):
+        super().__init__()
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.rows, cfg.d_model),
+            blocks=nn.ModuleList(LLaDABlock(cfg) for _ in range(cfg.n_layers)),
+            ln_f=RMSNorm(cfg.d_model, cfg.rms_norm_eps),
+        ))
+        if not cfg.weight_tying:
+            self.transformer["ff_out"] = nn.Linear(cfg.d_model, cfg.rows, bias=False)
+
+
+class LLaDAModel(nn.Module):
+    """LLaDA's mask predictor.
+
+    `model(input_ids, attention_mask=None).logits` is [B, L, V], as the released model, so
+    LLaDA's own `generate.py` and `get_log_likelihood.py` run on it unchanged. The sampler and
+    the trainer use `hidden_states` and `lm_head` instead, to produce logits only where needed.
+
+    Attributes:
+        backend: the backend of the attention op (None = its default; "reference" = eager).
+        gradient_checkpointing: recompute each block in the backward (activation checkpointing).
+    """
+
+    def __init__(self, config: LLaDAConfig):
+        super().__init__()
+        self.config = config
+        self.model = _Backbone(config)
+        self.backend: str | None = None
+        self.gradient_checkpointing = False
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.reset_parameters()
+
+    # ---- parameters ------------------------------------------------------------------------
+    def reset_parameters(self, std: float = 0.02):
+        """Normal(0, std) weights, residual projections scaled by 1/sqrt(2 n_layers); norms 1."""
+        if self.model.transformer.wte.weight.is_meta:
+            return
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("ln_f.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            else:
+                residual = ".blocks." in name and name.endswith(("attn_out.weight", "ff_out.weight"))
+                nn.init.normal_(p, std=out_std if residual else std)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.transformer.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.transformer.wte.weight.dtype
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """[V, D]: ff_out's weight, or wte's with weight_tying."""
+        t = self.model.transformer
+        return t.wte.weight if self.config.weight_tying else t.ff_out.weight
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., D] (after ln_f) -> logits [..., V] in the model dtype."""
+        return F.linear(hidden, self.lm_head_weight)
+
+    # ---- forward ---------------------------------------------------------------------------
+    def _rope_for(self, start: int, length: int, device):
+        end = start + length
+        if self._rope is None or self._rope[0].shape[0] < end or self._rope[0].device != device:
+            n = max(end, min(self.config.max_sequence_length, 2 * end))
+            self._rope = rope_tables(self.config.head_dim, self.config.rope_theta, n, device)
+        cos, sin = self._rope
+        return cos[start:end], sin[start:end]
+
+    def hidden_states(self, input_ids, attention_mask=None, *, past_kv=None, return_kv=False):
+        """Hidden states after ln_f, without the lm_head.
+
+        Args:
+            input_ids: [B, L] int64, at positions P..P+L-1 (P = 0 without past_kv).
+            attention_mask: [B, P+L] (bool, or ints 1 = token, 0 = padding) or None. A
+                key-padding mask: padded keys are hidden from every query. No [B, 1, L, L]
+                bias is built.
+            past_kv: per layer (k, v) [B, Hkv, P, Dh] of positions 0..P-1, from an earlier call
+                with return_kv=True (the sampler's prefix cache).
+            return_kv: also return every layer's (k, v) [B, Hkv, P+L, Dh].
+
+        Returns:
+            hidden [B, L, D], or (hidden, kv) with return_kv.
+        """
+        B, L = input_ids.shape
+        P = 0 if past_kv is None else past_kv[0][0].shape[2]
+        key_mask = None if attention_mask is None else attention_mask.to(torch.bool)
+        if key_mask is not None and key_mask.shape != (B, P + L):
+            raise ValueError(f"LLaDAModel: attention_mask must have shape {[B, P + L]}; "
+                             f"got {list(attention_mask.shape)}")
+        x = self.model.transformer.wte(input_ids)                                    # [B, L, D]
+        cos, sin = self._rope_for(P, L, x.device)                                   # [L, Dh]
+        kv = []
+        for i, block in enumerate(self.model.transformer.blocks):
+            past = None if past_kv is None else past_kv[i]
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x, layer_kv = checkpoint(block, x, cos, sin, key_mask, past, self.backend,
+                                         use_reentrant=False)
+            else:
+                x, layer_kv = block(x, cos, sin, key_mask, past, self.backend)
+            if return_kv:
+                kv.append(layer_kv)
+        h = self.model.transformer.ln_f(x)
+        return (h, kv) if return_kv else h
+
+    def forward(self, input_ids, attention_mask=None, **unused) -> LLaDAOutput:
+        """input_ids [B, L] -> LLaDAOutput(logits [B, L, V]). Extra keyword arguments of the
+        released forward (use_cache=False, ...) are accepted and ignored."""
+        h = self.hidden_states(input_ids, attention_mask)
+        return LLaDAOutput(logits=self.lm_head(h), hidden_states=h)
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, *, dtype=None, device=None, torch_dtype=None) -> LLaDAModel:
+        """Load a local folder in the released format (config.json + safetensors)."""
+        from .checkpoint import load_pretrained
+        return load_pretrained(cls, path, dtype=dtype or torch_dtype, device=device)
+
+    def save_pretrained(self, path, *, max_shard_size: int | str = "5GB"):
+        """Write config.json and sharded safetensors with the released parameter names."""
+        from .checkpoint import save_pretrained
+        save_pretrained(self, path, max_shard_size=max_shard_size)

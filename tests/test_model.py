@@ -1,0 +1,315 @@
+"""LLaDAModel: the released architecture and parameter names, key-padding attention, the
+hidden-state and prefix-cache paths, activation checkpointing, and checkpoints in the released
+format (config.json + sharded safetensors)."""
+
+import json
+import math
+import struct
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llada_kernels.checkpoint import CheckpointError
+from llada_kernels.model import LLaDAConfig, LLaDAModel
+
+V, MASK, EOS = 64, 63, 61
+
+# The released LLaDA-8B-Instruct config.json (values from its public file).
+RELEASED_CONFIG = {
+    "activation_type": "silu", "alibi": False, "alibi_bias_max": 8.0, "architectures": ["LLaDAModelLM"],
+    "attention_dropout": 0.0, "attention_layer_norm": False, "attention_layer_norm_with_affine": True,
+    "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
+                 "AutoModel": "modeling_llada.LLaDAModelLM",
+                 "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"},
+    "bias_for_layer_norm": False, "block_group_size": 1, "block_type": "llama", "d_model": 4096,
+    "embedding_dropout": 0.0, "embedding_size": 126464, "eos_token_id": 126081,
+    "flash_attention": False, "include_bias": False, "include_qkv_bias": False,
+    "init_cutoff_factor": None, "init_device": "meta", "init_fn": "mitchell", "init_std": 0.02,
+    "input_emb_norm": False, "layer_norm_type": "rms", "layer_norm_with_affine": True,
+    "mask_token_id": 126336, "max_sequence_length": 4096, "mlp_hidden_size": 12288,
+    "mlp_ratio": 4, "model_type": "llada", "multi_query_attention": None, "n_heads": 32,
+    "n_kv_heads": 32, "n_layers": 32, "pad_token_id": 126081, "precision": "amp_bf16",
+    "residual_dropout": 0.0, "rms_norm_eps": 1e-05, "rope": True, "rope_full_precision": True,
+    "rope_theta": 500000.0, "scale_logits": False, "transformers_version": "4.46.3",
+    "use_cache": False, "vocab_size": 126464, "weight_tying": False,
+}
+
+
+def tiny_config(**kw):
+    args = dict(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=48, vocab_size=V,
+                embedding_size=V, max_sequence_length=64, rope_theta=10000.0,
+                mask_token_id=MASK, eos_token_id=EOS, pad_token_id=EOS)
+    args.update(kw)
+    return LLaDAConfig(**args)
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return LLaDAModel(tiny_config(**kw)).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# An independent transcription of the released forward (modeling_llada.py, llama blocks),
+# with the post-fix padding bias: a float [B, 1, 1, L] bias of finfo.min on padded keys.
+# --------------------------------------------------------------------------------------------
+
+def released_forward(model, input_ids, attention_mask=None):
+    cfg = model.config
+    sd = {k.removeprefix("model.transformer."): v for k, v in model.state_dict().items()}
+    B, L = input_ids.shape
+    H, Hkv, Dh = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+
+    def rms(x, w):
+        x32 = x.float()
+        return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps)).to(x.dtype)
+
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, Dh, 2, dtype=torch.float) / Dh))
+    freqs = torch.einsum("i,j->ij", torch.arange(L, dtype=torch.float), inv_freq)
+    pos = torch.cat((freqs, freqs), dim=-1)
+    sin, cos = pos.sin()[None, None], pos.cos()[None, None]
+
+    def rope(t):
+        t_ = t.float()
+        x1, x2 = t_.view(*t_.shape[:-1], 2, Dh // 2).unbind(-2)
+        return (t_ * cos + torch.cat((-x2, x1), -1) * sin).type_as(t)
+
+    bias = None
+    if attention_mask is not None and (attention_mask == 0).any():
+        m = attention_mask.float()[:, None, None, :]
+        bias = (1.0 - m) * torch.finfo(torch.float).min
+    x = F.embedding(input_ids, sd["wte.weight"])
+    for i in range(cfg.n_layers):
+        p = lambda n: sd[f"blocks.{i}.{n}.weight"]  # noqa: E731
+        n = rms(x, p("attn_norm"))
+        q = F.linear(n, p("q_proj")).view(B, L, H, Dh).transpose(1, 2)
+        k = F.linear(n, p("k_proj")).view(B, L, Hkv, Dh).transpose(1, 2)
+        v = F.linear(n, p("v_proj")).view(B, L, Hkv, Dh).transpose(1, 2)
+        q, k = rope(q), rope(k)
+        k = k.repeat_interleave(H // Hkv, dim=1)
+        v = v.repeat_interleave(H // Hkv, dim=1)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=False)
+        x = x + F.linear(a.transpose(1, 2).reshape(B, L, -1), p("attn_out"))
+        m_ = rms(x, p("ff_norm"))
+        x = x + F.linear(F.silu(F.linear(m_, p("ff_proj"))) * F.linear(m_, p("up_proj")), p("ff_out"))
+    x = rms(x, sd["ln_f.weight"])
+    return F.linear(x, sd["wte.weight"] if cfg.weight_tying else sd["ff_out.weight"])
+
+
+# --------------------------------------------------------------------------------------------
+# Config and names
+# --------------------------------------------------------------------------------------------
+
+def test_config_reads_released_config_json():
+    cfg = LLaDAConfig.from_dict(RELEASED_CONFIG)
+    assert (cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.n_layers) == (4096, 32, 32, 32)
+    assert (cfg.hidden_size, cfg.rows, cfg.mask_token_id) == (12288, 126464, 126336)
+    assert cfg.extra["init_fn"] == "mitchell"  # unknown fields are kept...
+    assert LLaDAConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()  # ...and written back
+    for key, value in RELEASED_CONFIG.items():
+        assert cfg.to_dict()[key] == value, key
+
+
+@pytest.mark.parametrize("field,value", [("block_type", "sequential"), ("alibi", True),
+                                         ("layer_norm_type", "default"), ("include_bias", True)])
+def test_config_refuses_unsupported_architecture(field, value):
+    with pytest.raises(ValueError, match=field):
+        LLaDAConfig.from_dict({**RELEASED_CONFIG, field: value})
+
+
+def test_config_checks_heads():
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        tiny_config(n_heads=4, n_kv_heads=3)
+
+
+@pytest.mark.parametrize("tying", [False, True])
+def test_parameter_names_are_the_released_ones(tying):
+    model = tiny_model(weight_tying=tying)
+    block = ["attn_norm", "q_proj", "k_proj", "v_proj", "attn_out", "ff_norm", "ff_proj", "up_proj", "ff_out"]
+    expected = {"model.transformer.wte.weight", "model.transformer.ln_f.weight"}
+    expected |= {f"model.transformer.blocks.{i}.{n}.weight" for i in range(2) for n in block}
+    if not tying:
+        expected.add("model.transformer.ff_out.weight")
+    assert set(model.state_dict()) == expected
+    sd = model.state_dict()
+    assert sd["model.transformer.blocks.0.k_proj.weight"].shape == (2 * 8, 32)  # Hkv * Dh
+    assert sd["model.transformer.blocks.0.ff_proj.weight"].shape == (48, 32)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("padded", [False, True])
+def test_forward_matches_released_transcription(kv_heads, padded):
+    model = tiny_model(n_kv_heads=kv_heads)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, V, (3, 11), generator=g)
+    am = None
+    if padded:
+        am = torch.ones(3, 11, dtype=torch.long)
+        am[1, :4] = 0
+        am[2, :1] = 0
+    out = model(ids, attention_mask=am)
+    assert out.logits.shape == (3, 11, V)
+    ref = released_forward(model, ids, am)
+    torch.testing.assert_close(out.logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_padded_keys_are_hidden_from_every_query():
+    model = tiny_model()
+    ids = torch.randint(0, V, (1, 9))
+    am = torch.ones(1, 9, dtype=torch.long)
+    am[0, :3] = 0
+    other = ids.clone()
+    other[0, :3] = (ids[0, :3] + 5) % V  # change only padded tokens
+    a = model(ids, attention_mask=am).logits[0, 3:]
+    b = model(other, attention_mask=am).logits[0, 3:]
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert not torch.allclose(model(ids).logits[0, 3:], a)  # and without the mask they count
+
+
+def test_bf16_forward_close_to_fp32():
+    model = tiny_model()
+    ids = torch.randint(0, V, (2, 8))
+    ref = model(ids).logits
+    bf = model.to(torch.bfloat16)(ids).logits
+    assert bf.dtype == torch.bfloat16
+    torch.testing.assert_close(bf.float(), ref, rtol=0.05, atol=0.05)
+
+
+def test_hidden_states_and_lm_head_give_the_logits():
+    model = tiny_model(weight_tying=True)
+    ids = torch.randint(0, V, (2, 8))
+    h = model.hidden_states(ids)
+    assert h.shape == (2, 8, 32)
+    torch.testing.assert_close(model.lm_head(h), model(ids).logits)
+    assert model.lm_head_weight is model.model.transformer.wte.weight
+
+
+def test_prefix_kv_gives_the_same_hidden_states():
+    """With an unchanged prefix, running the suffix against the prefix's cached keys and
+    values is exact (the sampler's prefix cache is approximate only because the suffix
+    changes after the prefix was cached)."""
+    model = tiny_model()
+    ids = torch.randint(0, V, (2, 12))
+    am = torch.ones(2, 12, dtype=torch.long)
+    am[1, :2] = 0
+    full, kv = model.hidden_states(ids, am, return_kv=True)
+    assert kv[0][0].shape == (2, 2, 12, 8)
+    past = [(k[:, :, :5], v[:, :, :5]) for k, v in kv]
+    tail = model.hidden_states(ids[:, 5:], am, past_kv=past)
+    torch.testing.assert_close(tail, full[:, 5:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="attention_mask must have shape"):
+        model.hidden_states(ids[:, 5:], am[:, 5:], past_kv=past)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    ids = torch.randint(0, V, (2, 8))
+    grads = []
+    for ckpt in (False, True):
+        model = tiny_model(seed=3).train()
+        model.gradient_checkpointing = ckpt
+        model(ids).logits.square().mean().backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_device_and_dtype_properties():
+    model = tiny_model()
+    assert model.device == torch.device("cpu")
+    assert model.dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+def _header(path):
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return json.loads(f.read(n))
+
+
+def test_checkpoint_round_trip_sharded(tmp_path):
+    model = tiny_model(seed=5)
+    model.save_pretrained(tmp_path, max_shard_size=6000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert set(index["weight_map"]) == set(model.state_dict())
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert index["metadata"]["total_size"] == total
+    h = _header(tmp_path / files[0])
+    name = next(k for k in h if k != "__metadata__")
+    assert h[name]["dtype"] == "F32"
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["d_model"] == 32 and cfg["block_type"] == "llama"
+
+    loaded = LLaDAModel.from_pretrained(tmp_path)
+    for (n1, a), (n2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert n1 == n2 and torch.equal(a, b), n1
+    ids = torch.randint(0, V, (2, 7))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_checkpoint_single_file_bf16_and_dtype_choice(tmp_path):
+    model = tiny_model(seed=6, weight_tying=True).to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert not (tmp_path / "model.safetensors.index.json").exists()
+    assert _header(tmp_path / "model.safetensors")["model.transformer.wte.weight"]["dtype"] == "BF16"
+    assert LLaDAModel.from_pretrained(tmp_path).dtype == torch.bfloat16
+    loaded = LLaDAModel.from_pretrained(tmp_path, dtype=torch.float32, device="cpu")
+    assert loaded.dtype == torch.float32
+    torch.testing.assert_close(loaded.lm_head_weight, model.lm_head_weight.float())
+
+
+def test_checkpoint_reads_with_the_safetensors_package(tmp_path):
+    st = pytest.importorskip("safetensors.torch")
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    tensors = st.load_file(tmp_path / "model.safetensors")
+    for name, t in model.state_dict().items():
+        assert torch.equal(tensors[name], t)
+
+
+def _rewrite(tmp_path, edit):
+    """Save a tiny model, let `edit` change its tensors, and write them back in one file."""
+    from llada_kernels.checkpoint import write_safetensors
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    tensors = dict(model.state_dict())
+    edit(tensors)
+    write_safetensors(tmp_path / "model.safetensors", tensors)
+
+
+def test_checkpoint_errors_name_the_tensor(tmp_path):
+    _rewrite(tmp_path / "missing", lambda t: t.pop("model.transformer.blocks.1.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensors \['model.transformer.blocks.1.up_proj.weight'\]"):
+        LLaDAModel.from_pretrained(tmp_path / "missing")
+
+    _rewrite(tmp_path / "extra", lambda t: t.update({"model.transformer.wpe.weight": torch.zeros(3)}))
+    with pytest.raises(CheckpointError, match=r"unexpected tensors \['model.transformer.wpe.weight'\]"):
+        LLaDAModel.from_pretrained(tmp_path / "extra")
+
+    def shrink(t):
+        t["model.transformer.blocks.0.q_proj.weight"] = torch.zeros(16, 32)
+    _rewrite(tmp_path / "shape", shrink)
+    with pytest.raises(CheckpointError, match=r"blocks.0.q_proj.weight: shape \[16, 32\].*\[32, 32\]"):
+        LLaDAModel.from_pretrained(tmp_path / "shape")
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="config.json"):
+        LLaDAModel.from_pretrained(tmp_path / "empty")
+
+
+def test_released_8b_shapes_on_meta():
+    """The released config builds the 8B model's shapes (on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = LLaDAModel(LLaDAConfig.from_dict(RELEASED_CONFIG))
+    n = sum(p.numel() for p in model.parameters())
+    assert math.isclose(n / 1e9, 8.02, rel_tol=0.01)
+    assert model.state_dict()["model.transformer.ff_out.weight"].shape == (126464, 4096)
