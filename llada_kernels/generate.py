@@ -22,7 +22,6 @@ import torch
 
 import llada_kernels
 
-from . import _ops_compat
 from .ops.remask import REMASKING
 
 LLADA_MASK_ID = 126336
@@ -116,7 +115,6 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
                    cfg_scale, remasking, mask_id, threshold, prefix_cache)
     device = model.device
     steps_per_block = steps // (gen_length // block_length)
-    remask_backend = _ops_compat.remask_backend(backend, device)
     suppress = (eos_id,) if logits_eos_inf else ()
     zero_conf = (((eos_id, eot_id) if temperature == 0 else (eot_id,))
                  if confidence_eos_eot_inf else ())
@@ -161,7 +159,7 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
                 cond, xa[:, lo:e].contiguous(), k, mask_id=mask_id, temperature=temperature,
                 remasking=remasking, threshold=threshold, uncond_logits=un, cfg_scale=cfg_scale,
                 suppress_ids=suppress, zero_confidence_ids=zero_conf, generator=generator,
-                backend=remask_backend)
+                backend=backend)
             xa[:, lo:e] = xw
             calls += 1
             if bar is not None:

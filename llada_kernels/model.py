@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from . import _ops_compat
+from .ops.attention import bidirectional_attention
 
 # Released config fields that name an architecture choice, with the one value this model
 # implements. A config asking for anything else is refused rather than silently misread.
@@ -171,7 +171,7 @@ class LLaDABlock(nn.Module):
         if past_kv is not None:
             k = torch.cat((past_kv[0], k), dim=2)                                       # [B, Hkv, P+L, Dh]
             v = torch.cat((past_kv[1], v), dim=2)
-        a = _ops_compat.attention(q, k, v, key_mask, backend=backend)                   # [B, H, L, Dh]
+        a = bidirectional_attention(q, k, v, key_mask, backend=backend)                   # [B, H, L, Dh]
         h = x + self.attn_out(a.transpose(1, 2).reshape(B, L, -1))
         m = self.ff_norm(h)
         return h + self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m)), (k, v)

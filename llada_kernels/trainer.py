@@ -20,7 +20,9 @@ import types
 import torch
 import torch.nn as nn
 
-from . import _ops_compat
+from . import ops
+from .ops.loss import fused_linear_masked_diffusion_loss
+from .training import forward_process
 
 LLADA_MASK_ID = 126336
 
@@ -82,16 +84,6 @@ def _mask_id(model, mask_id):
 
 # ---- pre-training and SFT ---------------------------------------------------------------------
 
-def _noise(input_ids, mask_id, eps, generator):
-    """GUIDELINES.md forward_process: t ~ U(0, 1) per sequence, p = (1 - eps) t + eps, each
-    token masked with probability p. Returns noisy [B, L], masked [B, L] bool, p_mask [B]."""
-    B, L = input_ids.shape
-    t = torch.rand(B, device=input_ids.device, generator=generator)
-    p_mask = (1 - eps) * t + eps
-    masked = torch.rand(B, L, device=input_ids.device, generator=generator) < p_mask[:, None]
-    return torch.where(masked, mask_id, input_ids), masked, p_mask
-
-
 def pretrain_loss(model, input_ids, *, mask_id=None, eps=1e-3, generator=None, backend=None):
     """LLaDA's pre-training loss: sum over masked positions of CE / p_mask, divided by B * L.
 
@@ -99,10 +91,11 @@ def pretrain_loss(model, input_ids, *, mask_id=None, eps=1e-3, generator=None, b
     batches). Returns a scalar fp32 tensor with autograd to the model.
     """
     B, L = input_ids.shape
-    noisy, masked, p_mask = _noise(input_ids, _mask_id(model, mask_id), eps, generator)
+    noisy, masked, p_mask = forward_process(input_ids, eps=eps, mask_id=_mask_id(model, mask_id),
+                                            generator=generator)
     hidden, (weight, bias) = hidden_and_head(model, noisy)
-    loss = _ops_compat.fused_linear_loss(hidden, weight, input_ids, masked, p_mask, bias=bias,
-                                         backend=backend)
+    loss = fused_linear_masked_diffusion_loss(hidden, weight, input_ids, masked, p_mask, bias=bias,
+                                              backend=backend)
     return loss / (B * L)
 
 
@@ -114,14 +107,13 @@ def sft_loss(model, input_ids, prompt_lengths, *, mask_id=None, eps=1e-3, genera
     input_ids [B, L] int64, prompt_lengths [B] int64.
     """
     B, L = input_ids.shape
-    noisy, masked, p_mask = _noise(input_ids, _mask_id(model, mask_id), eps, generator)
-    prompt = torch.arange(L, device=input_ids.device) < prompt_lengths[:, None]   # [B, L]
-    noisy = torch.where(prompt, input_ids, noisy)
-    masked = masked & ~prompt
+    noisy, masked, p_mask = forward_process(input_ids, eps=eps, mask_id=_mask_id(model, mask_id),
+                                            prompt_lengths=prompt_lengths, generator=generator)
     answer_length = (L - prompt_lengths).to(p_mask.dtype)                          # [B]
     hidden, (weight, bias) = hidden_and_head(model, noisy)
-    loss = _ops_compat.fused_linear_loss(hidden, weight, input_ids, masked,
-                                         p_mask * answer_length, bias=bias, backend=backend)
+    loss = fused_linear_masked_diffusion_loss(hidden, weight, input_ids, masked,
+                                              p_mask * answer_length[:, None], bias=bias,
+                                              backend=backend)
     return loss / B
 
 
@@ -162,7 +154,7 @@ def mc_batch_loss(model, seq, is_mask, ratio, prompt_length, *, cfg_scale=0.0, m
         h = h_un + (cfg_scale + 1) * (h_c - h_un)
     else:
         h, (weight, bias) = hidden_and_head(model, x)
-    return _ops_compat.fused_linear_loss(h, weight, seq, is_mask, ratio, bias=bias,
+    return fused_linear_masked_diffusion_loss(h, weight, seq, is_mask, ratio, bias=bias,
                                          backend=backend) / b
 
 
@@ -223,7 +215,7 @@ def _patched_sdpa(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False)
     if is_causal or (dropout_p > 0 and self.training) or key_mask is False:
         return self._llada_original_sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                          is_causal=is_causal)
-    return _ops_compat.attention(q, k, v, key_mask, backend=self._llada_backend)
+    return ops.attention.bidirectional_attention(q, k, v, key_mask, backend=self._llada_backend)
 
 
 def _key_padding_mask(attn_mask, B, Lk):

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llada_kernels import _ops_compat, trainer
+from llada_kernels import ops, trainer
 from llada_kernels.model import LLaDAConfig, LLaDAModel
 from llada_kernels.reference.llada_official import (official_loglik_forward_process, official_mc_loss,
                                                     official_pretrain_loss, official_sft_loss)
@@ -172,8 +172,9 @@ def test_patch_llada_keeps_outputs_and_uses_the_op(monkeypatch):
     am[2, 9] = 1  # keep one key: rows with no key differ by design (zeros vs SDPA's mean)
     before = [mirror(ids).logits, mirror(ids, attention_mask=am).logits]
     calls = []
-    real = _ops_compat.attention
-    monkeypatch.setattr(_ops_compat, "attention", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    real = ops.attention.bidirectional_attention
+    monkeypatch.setattr(ops.attention, "bidirectional_attention",
+                        lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     assert trainer.patch_llada(mirror) is mirror
     trainer.patch_llada(mirror)  # idempotent
     after = [mirror(ids).logits, mirror(ids, attention_mask=am).logits]
