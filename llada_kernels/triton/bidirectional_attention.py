@@ -270,7 +270,7 @@ def _config(kernel: str, D: int) -> tuple[dict, int, int]:
         return {"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2
     if kernel == "dq":
         if D == 128:
-            return {"BLOCK_M": 64, "BLOCK_N": 16}, 4, 2
+            return {"BLOCK_M": 64, "BLOCK_N": 16}, 8, 2
         return {"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2
     raise KeyError(kernel)
 
