@@ -23,6 +23,10 @@
 // Computing 1 - u in 32-bit floats would round w to 0 below 2^-24 and cap g near 16.6; this
 // keeps the tail of float64 noise, g up to about 37.4 (LLaDA's float64 torch.rand reaches
 // 36.7), and down to -log(37.4) on the other side.
+//
+// The noisy logit is l + T * g in fp32. Backends may contract it to an fma (the C++ CPU kernel
+// does; the CUDA kernel rounds twice), and their logf/log1pf may differ in the last ulp, so
+// samples agree except where two noisy logits of a row lie within an ulp of each other.
 #include <cmath>
 #include <cstdint>
 
@@ -45,7 +49,9 @@ LLADA_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
 LLADA_HD Philox4x32 philox4x32_10(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t c2,
                                   uint32_t c3) {
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+#if defined(__CUDACC__)
 #pragma unroll
+#endif
   for (int round = 0; round < 10; ++round) {
     const uint32_t p0 = c0, p2 = c2;
     c0 = mulhi32(0xCD9E8D57u, p2) ^ c1 ^ k0;

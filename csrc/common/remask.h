@@ -17,6 +17,8 @@
 //   with a threshold t: bound = min(bound, ordered(fp32(t)) << 31), i.e. every candidate
 //   with confidence >= t is committed as well.
 //   transfer[b, l] = key >= 0 && key >= bound;  x_new = transfer ? x0 : x.
+// A confidence of -0 is keyed as +0 (ordered() would put it below a threshold of 0, where the
+// reference's >= commits it), and a NaN confidence scores 0.
 #include <cstdint>
 #include <cstring>
 

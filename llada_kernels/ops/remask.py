@@ -12,6 +12,7 @@ from ..reference import remask as reference
 OP = "remask_step"
 REMASKING = ("low_confidence", "random", "margin", "entropy")
 LLADA_MASK_ID = 126336
+CUDA_MAX_SPECIAL_IDS = 16  # kMaxSpecialIds in csrc/cuda/remask_step.cu: kernel parameters
 
 
 def remask_step(
@@ -81,6 +82,10 @@ def remask_step(
     zero_conf = _checks.check_ids(OP, "zero_confidence_ids", zero_confidence_ids, V)
     if len(set(suppress)) == V:
         _checks.fail(OP, f"suppress_ids covers the whole vocabulary (V={V}); nothing can be chosen")
+    if name == "cuda" and len(set(suppress) | set(zero_conf)) > CUDA_MAX_SPECIAL_IDS:
+        _checks.fail(OP, f"the cuda backend takes at most {CUDA_MAX_SPECIAL_IDS} distinct "
+                         f"suppress_ids and zero_confidence_ids together; got "
+                         f"{len(set(suppress) | set(zero_conf))}")
     k = _row_tensor("num_transfer", num_transfer, B, device, default=None)
     _checks.check_min(OP, "num_transfer", k, 0)
     end = _row_tensor("block_end", block_end, B, device, default=L)
