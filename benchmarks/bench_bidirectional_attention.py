@@ -23,6 +23,8 @@ import torch.nn.functional as F
 import llada_kernels as lk
 from llada_kernels.reference import attention as reference
 
+from _common import machine
+
 CPU_SHAPE = dict(B=1, H=4, D=64)     # 2 cores: small enough to finish, big enough to tile
 GPU_SHAPE = dict(B=4, H=16, D=128)
 LENGTHS = (512, 1024, 4096)
@@ -115,5 +117,7 @@ def test_bidirectional_attention(benchmark, device, dtype, provider, L, padded, 
     benchmark.group = f"attention {device} {str(dtype).removeprefix('torch.')} L={L} padded={padded} {mode}"
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)
     benchmark.extra_info.update(
-        provider=provider, tflops=flops / benchmark.stats.stats.median / 1e12,
-        shape=f"B={B} H={H} L={L} D={D}")
+        op=f"bidirectional_attention[{mode}{', padded' if padded else ''}]", provider=provider,
+        device=device, dtype=str(dtype).removeprefix("torch."), flops=flops,
+        tflops=flops / benchmark.stats.stats.median / 1e12, shape=f"B={B} H={H} L={L} D={D}",
+        machine=machine(torch.device(device)))

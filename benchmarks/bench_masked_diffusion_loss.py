@@ -101,7 +101,9 @@ def peak_memory(provider: str, case: str, device: str) -> int:
         return torch.cuda.max_memory_allocated() - base
     # glibc serves every allocation of 64 KiB or more with its own mmap and unmaps it on free,
     # so the RSS follows the live tensors and no freed-but-kept heap hides an allocation.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # a source checkout too
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536",
+           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     out = subprocess.run([sys.executable, __file__, "--peak-rss", provider, case], check=True,
                          capture_output=True, text=True, env=env)
     return int(out.stdout.strip().splitlines()[-1])

@@ -2,7 +2,8 @@
 CSV (benchmarks/results/results.csv), a markdown table and a plot per op.
 
     python benchmarks/run.py                 # everything
-    python benchmarks/run.py -k remask       # extra arguments go to pytest
+    python benchmarks/run.py -k remask       # extra arguments go to pytest; rows of ops
+                                             # not run are kept from the last CSV
 
 Columns: op, provider, shape, dtype, device, median/p20/p80 in ms, GB/s (over the bytes the
 benchmark names, e.g. the logits), TFLOP/s (where it names flops), peak extra memory in MB,
@@ -51,6 +52,20 @@ def rows_from(report):
     for r in rows:
         r["speedup_vs_eager"] = eager[key(r)] / r["median_ms"] if key(r) in eager else None
     return sorted(rows, key=lambda r: (key(r), r["provider"] != "eager", r["provider"]))
+
+
+def merge(rows, path):
+    """The new rows, plus the rows of ops this run did not measure from an earlier CSV, so
+    that `run.py -k <op>` refreshes one op's numbers and keeps the others."""
+    if not path.exists():
+        return rows
+    measured = {r["op"] for r in rows}
+    with open(path, newline="") as f:
+        old = [r for r in csv.DictReader(f) if r["op"] not in measured]
+    for r in old:
+        for c in COLUMNS[5:-1]:
+            r[c] = float(r[c]) if r[c] else None
+    return rows + old
 
 
 def fmt(v):
@@ -113,15 +128,15 @@ def main(argv):
     code = pytest.main([str(HERE), "-o", "python_files=bench_*.py", "-p", "no:cacheprovider",
                         "--benchmark-enable", "--benchmark-only", f"--benchmark-json={raw}",
                         "--benchmark-save-data", "-q", *argv])
-    if code not in (0, 5) or not raw.exists():
-        return code or 1
-    rows = rows_from(json.loads(raw.read_text()))
+    if not raw.exists():
+        return code or 1  # nothing ran; a failed benchmark still leaves its siblings' rows
+    rows = merge(rows_from(json.loads(raw.read_text())), RESULTS / "results.csv")
     write_csv(rows, RESULTS / "results.csv")
     plot(rows)
     table = markdown(rows)
     (RESULTS / "results.md").write_text(table + "\n")
     print(table)
-    return code
+    return 0 if code == 5 else code
 
 
 if __name__ == "__main__":
