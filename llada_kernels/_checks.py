@@ -59,6 +59,12 @@ def check_ids(op: str, name: str, ids: Iterable[int], size: int) -> list[int]:
     return out
 
 
+def unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its last dimension is contiguous, else a contiguous copy (kernels index
+    the other dimensions through strides)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def values_checked() -> bool:
     if os.environ.get("LLADA_CHECK_VALUES", "1") == "0":
         return False

@@ -69,7 +69,7 @@ def bidirectional_attention(
     mask = None if key_padding_mask is None else key_padding_mask.contiguous()
     fwd = (torch.ops.llada.bidirectional_attention_fwd_triton if name == "triton"
            else torch.ops.llada.bidirectional_attention_fwd)
-    out, _ = fwd(_unit_stride(q), _unit_stride(k), _unit_stride(v), mask, scale)
+    out, _ = fwd(_checks.unit_stride(q), _checks.unit_stride(k), _checks.unit_stride(v), mask, scale)
     return out
 
 
@@ -91,10 +91,6 @@ def _check(q, k, v, key_padding_mask):
         _checks.check_shape(OP, "key_padding_mask", key_padding_mask, (B, Lk))
         _checks.check_device(OP, "key_padding_mask", key_padding_mask, q.device, "q")
     return B, Hq, Lq, D, Hkv, Lk
-
-
-def _unit_stride(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 # ---- fakes and autograd, for both schema twins -------------------------------------------
@@ -122,7 +118,7 @@ def _setup_context(ctx, inputs, output):
 def _make_backward(bwd):
     def backward(ctx, grad_out, grad_lse):
         q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
-        dq, dk, dv = bwd(_unit_stride(grad_out), q, k, v, key_padding_mask, out, lse, ctx.scale)
+        dq, dk, dv = bwd(_checks.unit_stride(grad_out), q, k, v, key_padding_mask, out, lse, ctx.scale)
         return dq, dk, dv, None, None
     return backward
 

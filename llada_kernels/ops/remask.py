@@ -104,7 +104,7 @@ def remask_step(
         # One draw from the caller's generator, on the logits' device: no host sync.
         seed = torch.empty(1, dtype=torch.int64, device=device).random_(generator=generator)
     op = torch.ops.llada.remask_step_triton if name == "triton" else torch.ops.llada.remask_step
-    return op(_unit_stride(logits), None if uncond_logits is None else _unit_stride(uncond_logits),
+    return op(_checks.unit_stride(logits), None if uncond_logits is None else _checks.unit_stride(uncond_logits),
               float(cfg_scale), x, k, end, int(mask_id), float(temperature), remasking,
               None if threshold is None else float(threshold), suppress, zero_conf, seed)
 
@@ -150,10 +150,6 @@ def _row_tensor(name, value, B, device, default):
     if value < 0:
         _checks.fail(OP, f"{name} must be >= 0; got {value}")
     return torch.full((B,), value, dtype=torch.int64, device=device)
-
-
-def _unit_stride(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _fake(logits, uncond_logits, cfg_scale, x, num_transfer, block_end, mask_id, temperature,
