@@ -18,6 +18,7 @@ A backend that cannot run the call raises BackendUnavailable. Nothing falls back
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -52,8 +53,11 @@ def default_backend(device: torch.device) -> str:
 @torch.compiler.assume_constant_result  # torch.compile cannot trace the dispatcher query
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """True when llada::<op> has a kernel for `dispatch_key` ("CPU", "CUDA")."""
-    if _C_ERROR is not None:
-        return False
+    return _C_ERROR is None and _dispatcher_has_kernel(op, dispatch_key)
+
+
+@functools.cache  # the query costs ~10 us a call; the C++ kernels are all registered by _C's load
+def _dispatcher_has_kernel(op: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"llada::{op}", dispatch_key)
 
 

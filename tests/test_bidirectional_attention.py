@@ -42,6 +42,8 @@ def make_mask(kind, B, Lk, gen):
         return None
     if kind == "full":
         return torch.ones(B, Lk, dtype=torch.bool)
+    if kind == "half_pad":  # the first half of every row padded: whole key tiles and chunks
+        return torch.arange(Lk) >= Lk // 2 + torch.zeros(B, 1, dtype=torch.long)
     if kind == "left_pad":  # batched generation: prompts left-padded to a common length
         lens = torch.randint(1, Lk + 1, (B,), generator=gen)
         return torch.arange(Lk) >= (Lk - lens)[:, None]
@@ -159,6 +161,20 @@ def test_cpu_non_contiguous(layout):
 @pytest.mark.parametrize("D", [1, 24, 200, 256])
 def test_cpu_any_head_dim(D):
     check_against_reference("cpu", "cpu", (1, 2, 1, 9, 20, D), "some", torch.float32)
+
+
+@needs_cpu
+@pytest.mark.parametrize("threads", [1, 3, 8])
+@pytest.mark.parametrize("kind", ["some", "half_pad"])
+def test_cpu_backward_key_chunks(threads, kind):
+    # One KV head and 5 key tiles: the backward splits the keys into min(5, threads) chunks
+    # whose partial dQs are summed after; with one thread it writes dQ directly.
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_against_reference("cpu", "cpu", (1, 2, 1, 70, 300, 32), kind, torch.float32)
+    finally:
+        torch.set_num_threads(before)
 
 
 @needs_cpu

@@ -8,16 +8,20 @@
 // keeping per row the running max m, the running sum l and an unnormalised accumulator:
 //   m' = max(m, rowmax S),  l' = l e^(m - m') + rowsum e^(S - m'),  O' = O e^(m - m') + e^(S - m') V
 // and ends with O / l and lse = m + log l. A row with no key (l = 0) gets O = 0, lse = +inf.
+// The forward works in base 2: Q is packed with scale * log2(e), so S, m and log l are in
+// bits and every exponential is exp2 (exp2v below, one polynomial, no table); lse is turned
+// back into nats once per row. The backward evaluates e^x as exp2v(x log2 e) with one FMA.
 // Backward, with delta_i = sum_d dO_id O_id:
 //   dP = dO V^T,  dS = P * (dP - delta),  dV = P^T dO,  dK = scale dS^T Q,  dQ = scale dS K
-// in two passes that own their outputs (no atomics, deterministic): key tiles accumulate dK and
-// dV over every query tile of every query head of their group, then query tiles accumulate dQ.
+// in one pass of five products per tile pair, by KV head: see backward_kernel. Outputs are
+// owned, never shared (no atomics, deterministic).
 //
-// Extra memory is O(Lk D) per thread (the forward packs one KV head at a time) plus delta
-// [B, Hq, Lq]: never Lq x Lk. Every tile is converted to fp32 as it is packed; the products
-// run in one register-blocked fp32 kernel on at::vec::Vectorized (FMA). Tiles are zero-padded
-// to whole register blocks, so the inner loops have no tails. Key tiles whose keys are all
-// padded are skipped.
+// Extra memory is O(Lk D) per thread (the forward packs one KV head at a time; the backward
+// packs a chunk of one head's keys), plus delta [B, Hq, Lq] and, when there are fewer KV heads
+// than threads, fp32 partial dQs: never Lq x Lk. Every tile is converted to fp32 as it is
+// packed; the products run in one register-blocked fp32 kernel on at::vec::Vectorized (FMA).
+// Tiles are zero-padded to whole register columns, so the inner loops have no tails. Key tiles
+// whose keys are all padded are skipped.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -38,21 +42,24 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kW = Vec::size();      // fp32 lanes
-constexpr int kMR = 4;                   // register block: kMR rows x kNV vectors
-constexpr int kNV = 2;
+constexpr int kMR = 6;                   // register block: up to kMR rows x kNV vectors, i.e.
+constexpr int kNV = 2;                   // 12 accumulators, enough to hide the FMA latency
 constexpr int64_t kNB = kNV * kW;        // register block width (columns)
-constexpr int64_t kBM = 64;              // query tile (a multiple of kMR)
+constexpr int64_t kBM = 64;              // query tile
 constexpr int64_t kBN = 64;              // key tile (a multiple of kNB)
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// C[kMR x kNB] (+)= A[kMR x K] B[K x kNB], all row-major fp32.
+// C[MR x kNB] (+)= A[MR x K] B[K x kNB], fp32, B and C row-major; A row-major, or stored
+// transposed (element (r, k) at A[k * lda + r]) with kTransA. Per k: kNV loads of B, MR
+// broadcasts of A, MR * kNV independent FMAs.
+template <int MR, bool kTransA = false>
 inline void micro_kernel(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                          int64_t ldc, int64_t K, bool accumulate) {
-  Vec acc[kMR][kNV];
+  Vec acc[MR][kNV];
 #pragma GCC unroll 8
-  for (int r = 0; r < kMR; ++r)
+  for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
     for (int c = 0; c < kNV; ++c)
       acc[r][c] = accumulate ? Vec::loadu(C + r * ldc + c * kW) : Vec(0.f);
@@ -61,24 +68,42 @@ inline void micro_kernel(const float* A, int64_t lda, const float* B, int64_t ld
 #pragma GCC unroll 4
     for (int c = 0; c < kNV; ++c) b[c] = Vec::loadu(B + k * ldb + c * kW);
 #pragma GCC unroll 8
-    for (int r = 0; r < kMR; ++r) {
-      const Vec a(A[r * lda + k]);
+    for (int r = 0; r < MR; ++r) {
+      const Vec a(kTransA ? A[k * lda + r] : A[r * lda + k]);
 #pragma GCC unroll 4
       for (int c = 0; c < kNV; ++c) acc[r][c] = at::vec::fmadd(a, b[c], acc[r][c]);
     }
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < kMR; ++r)
+  for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
     for (int c = 0; c < kNV; ++c) acc[r][c].store(C + r * ldc + c * kW);
 }
 
-// C[M x N] (+)= A[M x K] B[K x N]; M a multiple of kMR, N of kNB (the tiles are padded).
+// C[M x N] (+)= op(A)[M x K] B[K x N], op(A) = A or, with kTransA, the transpose of a row-major
+// [K x M] A. N is a multiple of kNB (the tiles are padded); any M: whole kMR-row blocks, then
+// one narrower block for the remainder.
+template <bool kTransA = false>
 void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
           int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  for (int64_t i = 0; i < M; i += kMR)
+  const auto rows_at = [&](int64_t i) { return kTransA ? A + i : A + i * lda; };
+  int64_t i = 0;
+  for (; i + kMR <= M; i += kMR)
     for (int64_t j = 0; j < N; j += kNB)
-      micro_kernel(A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc, K, accumulate);
+      micro_kernel<kMR, kTransA>(rows_at(i), lda, B + j, ldb, C + i * ldc + j, ldc, K,
+                                 accumulate);
+  if (i == M) return;
+  for (int64_t j = 0; j < N; j += kNB) {
+    const float* a = rows_at(i);
+    float* c = C + i * ldc + j;
+    switch (M - i) {
+      case 1: micro_kernel<1, kTransA>(a, lda, B + j, ldb, c, ldc, K, accumulate); break;
+      case 2: micro_kernel<2, kTransA>(a, lda, B + j, ldb, c, ldc, K, accumulate); break;
+      case 3: micro_kernel<3, kTransA>(a, lda, B + j, ldb, c, ldc, K, accumulate); break;
+      case 4: micro_kernel<4, kTransA>(a, lda, B + j, ldb, c, ldc, K, accumulate); break;
+      default: micro_kernel<5, kTransA>(a, lda, B + j, ldb, c, ldc, K, accumulate); break;
+    }
+  }
 }
 
 // A [B, H, L, D] tensor with unit stride along D, read row by row.
@@ -129,6 +154,31 @@ int64_t key_bias(float* bias, const bool* mask_row, int64_t n0, int64_t Lk) {
   return valid;
 }
 
+// 2^x for x <= 127, within 1 ulp (0.9 measured) for x >= -126, and exactly 0 below (-inf
+// included: padded keys get no weight). 2^x = 2^n 2^f with n = round(x), f in [-1/2, 1/2],
+// 2^f a degree-6 polynomial (a relative-error fit, 2.6e-9), and 2^n written into the exponent.
+// Sleef's expf costs about 1.6x as much here, and the softmax is a fifth of the forward.
+inline Vec exp2v(Vec x) {
+  using IVec = at::vec::Vectorized<int32_t>;
+  const Vec lo(-126.f);
+  const Vec xc = at::vec::maximum(x, lo);
+  const Vec n = xc.round();
+  const Vec f = xc - n;
+  Vec p(1.5350864850915968e-4f);
+  p = at::vec::fmadd(p, f, Vec(1.339997397735715e-3f));
+  p = at::vec::fmadd(p, f, Vec(9.618470445275307e-3f));
+  p = at::vec::fmadd(p, f, Vec(5.550328642129898e-2f));
+  p = at::vec::fmadd(p, f, Vec(2.4022647738456726e-1f));
+  p = at::vec::fmadd(p, f, Vec(6.931471824645996e-1f));
+  p = at::vec::fmadd(p, f, Vec(1.f));
+  const IVec biased = at::vec::convert_to_int_of_same_size(n) + IVec(127);
+  const Vec two_n = at::vec::cast<float>(biased << IVec(23));
+  return Vec::blendv(p * two_n, Vec(0.f), x < lo);
+}
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
 float hmax(Vec v) {
   float t[kW];
   v.store(t);
@@ -175,7 +225,7 @@ void forward_kernel(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / (s.Hq * q_tiles), h = unit / q_tiles % s.Hq;
       const int64_t m0 = unit % q_tiles * kBM, rows = std::min(kBM, s.Lq - m0);
-      const int64_t rows_pad = round_up(rows, kMR), hk = h / s.G;
+      const int64_t hk = h / s.G;
       if (b != packed_b || hk != packed_hk) {
         for (int64_t t = 0; t < k_tiles; ++t) {
           const int64_t n0 = t * kBN, keys = std::min(kBN, s.Lk - n0);
@@ -185,7 +235,7 @@ void forward_kernel(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor
         }
         packed_b = b, packed_hk = hk;
       }
-      pack_rows(Qs.data(), Dp, q, b, h, m0, rows, rows_pad, s.D, scale);
+      pack_rows(Qs.data(), Dp, q, b, h, m0, rows, rows, s.D, scale * kLog2e);  // S in bits
       std::fill(m, m + kBM, -kInf);
       std::fill(l, l + kBM, 0.f);
       std::fill(O.begin(), O.end(), 0.f);
@@ -195,9 +245,9 @@ void forward_kernel(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor
         const float* Kt_t = Kt.data() + t * Dp * kBN;
         const float* V_t = Vs.data() + t * kBN * Dp;
         const float* bias_t = bias.data() + t * kBN;
-        gemm(rows_pad, kBN, Dp, Qs.data(), Dp, Kt_t, kBN, S.data(), kBN, false);
+        gemm(rows, kBN, Dp, Qs.data(), Dp, Kt_t, kBN, S.data(), kBN, false);
 
-        for (int64_t r = 0; r < rows_pad; ++r) {
+        for (int64_t r = 0; r < rows; ++r) {
           float* Sr = S.data() + r * kBN;
           Vec vmax(-kInf);
           for (int64_t j = 0; j < kBN; j += kW) {
@@ -207,21 +257,24 @@ void forward_kernel(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor
             vmax = at::vec::maximum(vmax, x);
           }
           const float m_new = std::max(m[r], hmax(vmax));  // finite: the tile has a key
-          const float alpha = std::exp(m[r] - m_new);       // 0 on the first tile
           Vec vsum(0.f);
           const Vec vm(m_new);
           for (int64_t j = 0; j < kBN; j += kW) {
-            const Vec p = (Vec::loadu(Sr + j) - vm).exp();
+            const Vec p = exp2v(Vec::loadu(Sr + j) - vm);
             p.store(Sr + j);
             vsum = vsum + p;
           }
-          l[r] = l[r] * alpha + hsum(vsum);
+          if (m_new != m[r]) {  // rescale by 2^(m - m'): 0 on the row's first tile
+            const float alpha = std::exp2(m[r] - m_new);
+            l[r] *= alpha;
+            float* Or = O.data() + r * Dp;
+            const Vec va(alpha);
+            for (int64_t d = 0; d < Dp; d += kW) (Vec::loadu(Or + d) * va).store(Or + d);
+          }
+          l[r] += hsum(vsum);
           m[r] = m_new;
-          float* Or = O.data() + r * Dp;
-          const Vec va(alpha);
-          for (int64_t d = 0; d < Dp; d += kW) (Vec::loadu(Or + d) * va).store(Or + d);
         }
-        gemm(rows_pad, Dp, kBN, S.data(), kBN, V_t, Dp, O.data(), Dp, true);
+        gemm(rows, Dp, kBN, S.data(), kBN, V_t, Dp, O.data(), Dp, true);
       }
 
       for (int64_t r = 0; r < rows; ++r) {
@@ -229,7 +282,7 @@ void forward_kernel(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor
         const float* Or = O.data() + r * Dp;
         T* dst = out.row(b, h, m0 + r);
         for (int64_t d = 0; d < s.D; ++d) dst[d] = static_cast<T>(Or[d] * inv);
-        lse[(b * s.Hq + h) * s.Lq + m0 + r] = l[r] > 0.f ? m[r] + std::log(l[r]) : kInf;
+        lse[(b * s.Hq + h) * s.Lq + m0 + r] = l[r] > 0.f ? (m[r] + std::log2(l[r])) * kLn2 : kInf;
       }
     }
   });
@@ -253,67 +306,120 @@ void delta_kernel(const at::Tensor& dout_, const at::Tensor& out_, float* delta)
   });
 }
 
-// dK, dV for one key tile, summed over the G query heads of its group and every query tile.
+// dQ, dK and dV in one pass with five products per (query tile, key tile) pair. A work unit is
+// one KV head (b, hk) and a chunk of its key tiles: it owns dK and dV of those keys (summed over
+// the G query heads of the group) and walks every query tile of those heads, accumulating the
+// tile's dQ over the chunk's keys. With one chunk per head (B * Hkv >= threads) that is the whole
+// dQ, written once. With C > 1 chunks each writes a partial dQ into dq_part[c] and a second,
+// deterministic pass sums the C partials: no atomics, and the same bits for any thread count of
+// one C.
 template <typename T>
-void dkdv_kernel(const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_,
-                 const at::Tensor& v_, const bool* mask, const float* lse, const float* delta,
-                 float scale, at::Tensor& dk_, at::Tensor& dv_) {
+void backward_kernel(const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_,
+                     const at::Tensor& v_, const bool* mask, const float* lse,
+                     const float* delta, float scale, at::Tensor& dq_, at::Tensor& dk_,
+                     at::Tensor& dv_) {
   const Dims s(q_, k_);
   const Rows<const T> dout(dout_), q(q_), k(k_), v(v_);
-  const Rows<T> dk(dk_), dv(dv_);
+  const Rows<T> dq(dq_), dk(dk_), dv(dv_);
   const int64_t k_tiles = (s.Lk + kBN - 1) / kBN, Dp = s.Dp;
+  const int64_t heads = s.B * s.Hkv;
+  if (heads == 0 || k_tiles == 0) {  // no key: dq = 0, and dk, dv are empty
+    dq_.zero_();
+    return;
+  }
+  // Key chunks per KV head: enough units for every thread when there are few heads.
+  const int64_t want = std::min(k_tiles, (at::get_num_threads() + heads - 1) / heads);
+  const int64_t chunk_tiles = (k_tiles + want - 1) / want;
+  const int64_t C = (k_tiles + chunk_tiles - 1) / chunk_tiles, chunk_keys = chunk_tiles * kBN;
+  // dq_part[c, b, h, i, :] (fp32), only when C > 1.
+  const at::Tensor dq_part = C > 1 ? at::empty({C, s.B * s.Hq * s.Lq, Dp}, q_.options().dtype(at::kFloat))
+                                   : at::Tensor();
+  float* part = C > 1 ? dq_part.data_ptr<float>() : nullptr;
 
-  at::parallel_for(0, s.B * s.Hkv * k_tiles, 1, [&](int64_t begin, int64_t end) {
-    // K, V, dK, dV [kBN x Dp]; Q, dO [kBM x Dp]; Q^T, dO^T [Dp x kBM]; P^T, dP^T [kBN x kBM].
-    std::vector<float> Ks(kBN * Dp), Vs(kBN * Dp), dK(kBN * Dp), dV(kBN * Dp);
-    std::vector<float> Qs(kBM * Dp), dOs(kBM * Dp), Qt(Dp * kBM), dOt(Dp * kBM);
+  at::parallel_for(0, heads * C, 1, [&](int64_t begin, int64_t end) {
+    // The chunk's K, V rows and its dK, dV [chunk_keys x Dp] with per-key bias; one query
+    // tile's sQ, dO rows [kBM x Dp] and transposes [Dp x kBM], dQ [kBM x Dp]; P^T, dP^T
+    // [kBN x kBM] for one key tile.
+    std::vector<float> Ks(chunk_keys * Dp), Vs(chunk_keys * Dp), dK(chunk_keys * Dp),
+        dV(chunk_keys * Dp), bias(chunk_keys);
+    std::vector<float> Qs(kBM * Dp), dOs(kBM * Dp), Qt(Dp * kBM), dOt(Dp * kBM), dQ(kBM * Dp);
     std::vector<float> Pt(kBN * kBM), dPt(kBN * kBM);
-    float bias[kBN], lse_t[kBM], delta_t[kBM];
+    std::vector<int64_t> valid(chunk_tiles);
+    float lse_t[kBM], delta_t[kBM];
+    const Vec log2e(kLog2e);
     for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t b = unit / (s.Hkv * k_tiles), hk = unit / k_tiles % s.Hkv;
-      const int64_t n0 = unit % k_tiles * kBN, keys = std::min(kBN, s.Lk - n0);
-      const int64_t valid = key_bias(bias, mask ? mask + b * s.Lk : nullptr, n0, s.Lk);
+      const int64_t b = unit / (s.Hkv * C), hk = unit / C % s.Hkv, c = unit % C;
+      const int64_t k0 = c * chunk_keys, k1 = std::min(s.Lk, k0 + chunk_keys);
+      const int64_t tiles = (k1 - k0 + kBN - 1) / kBN;
+      const bool* mask_row = mask ? mask + b * s.Lk : nullptr;
+      int64_t live = 0;  // key tiles with an attended key
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t n0 = k0 + t * kBN, keys = std::min(kBN, k1 - n0);
+        valid[t] = key_bias(bias.data() + t * kBN, mask_row, n0, s.Lk);
+        live += valid[t] > 0;
+        pack_rows(Ks.data() + t * kBN * Dp, Dp, k, b, hk, n0, keys, kBN, s.D, 1.f);
+        pack_rows(Vs.data() + t * kBN * Dp, Dp, v, b, hk, n0, keys, kBN, s.D, 1.f);
+      }
       std::fill(dK.begin(), dK.end(), 0.f);
       std::fill(dV.begin(), dV.end(), 0.f);
-      if (valid > 0) {
-        pack_rows(Ks.data(), Dp, k, b, hk, n0, keys, kBN, s.D, 1.f);
-        pack_rows(Vs.data(), Dp, v, b, hk, n0, keys, kBN, s.D, 1.f);
-        for (int64_t h = hk * s.G; h < (hk + 1) * s.G; ++h) {
-          for (int64_t m0 = 0; m0 < s.Lq; m0 += kBM) {
-            const int64_t rows = std::min(kBM, s.Lq - m0);
+
+      for (int64_t h = hk * s.G; h < (hk + 1) * s.G; ++h) {
+        for (int64_t m0 = 0; m0 < s.Lq; m0 += kBM) {
+          const int64_t rows = std::min(kBM, s.Lq - m0);
+          const int64_t row0 = (b * s.Hq + h) * s.Lq + m0;
+          std::fill(dQ.begin(), dQ.end(), 0.f);
+          if (live > 0) {
             pack_rows(Qs.data(), Dp, q, b, h, m0, rows, kBM, s.D, scale);
             pack_cols(Qt.data(), kBM, q, b, h, m0, rows, s.D, Dp, scale);
             pack_rows(dOs.data(), Dp, dout, b, h, m0, rows, kBM, s.D, 1.f);
             pack_cols(dOt.data(), kBM, dout, b, h, m0, rows, s.D, Dp, 1.f);
-            const int64_t row0 = (b * s.Hq + h) * s.Lq + m0;
             for (int64_t i = 0; i < kBM; ++i) {  // padded query rows get P = 0
-              lse_t[i] = i < rows ? lse[row0 + i] : kInf;
+              lse_t[i] = i < rows ? lse[row0 + i] * kLog2e : kInf;  // in bits
               delta_t[i] = i < rows ? delta[row0 + i] : 0.f;
             }
-            gemm(kBN, kBM, Dp, Ks.data(), Dp, Qt.data(), kBM, Pt.data(), kBM, false);   // S^T
-            gemm(kBN, kBM, Dp, Vs.data(), Dp, dOt.data(), kBM, dPt.data(), kBM, false); // dP^T
+          }
+          for (int64_t t = 0; t < tiles; ++t) {
+            if (valid[t] == 0) continue;  // every key of the tile is padding
+            const float* K_t = Ks.data() + t * kBN * Dp;
+            const float* V_t = Vs.data() + t * kBN * Dp;
+            const float* bias_t = bias.data() + t * kBN;
+            gemm(kBN, kBM, Dp, K_t, Dp, Qt.data(), kBM, Pt.data(), kBM, false);    // S^T
+            gemm(kBN, kBM, Dp, V_t, Dp, dOt.data(), kBM, dPt.data(), kBM, false);  // dP^T
             for (int64_t j = 0; j < kBN; ++j) {
               float* P = Pt.data() + j * kBM;
               float* dP = dPt.data() + j * kBM;
-              if (bias[j] != 0.f) {  // padded key: no probability, no gradient
+              if (bias_t[j] != 0.f) {  // padded key: no probability, no gradient
                 std::fill(P, P + kBM, 0.f);
                 std::fill(dP, dP + kBM, 0.f);
                 continue;
               }
               for (int64_t i = 0; i < kBM; i += kW) {
-                const Vec p = (Vec::loadu(P + i) - Vec::loadu(lse_t + i)).exp();
+                const Vec x = at::vec::fmsub(Vec::loadu(P + i), log2e, Vec::loadu(lse_t + i));
+                const Vec p = exp2v(x);  // e^(S - lse)
                 p.store(P + i);
                 (p * (Vec::loadu(dP + i) - Vec::loadu(delta_t + i))).store(dP + i);  // dS^T
               }
             }
-            gemm(kBN, Dp, kBM, Pt.data(), kBM, dOs.data(), Dp, dV.data(), Dp, true);  // P^T dO
-            gemm(kBN, Dp, kBM, dPt.data(), kBM, Qs.data(), Dp, dK.data(), Dp, true);  // dS^T (sQ)
+            float* dV_t = dV.data() + t * kBN * Dp;
+            float* dK_t = dK.data() + t * kBN * Dp;
+            gemm(kBN, Dp, kBM, Pt.data(), kBM, dOs.data(), Dp, dV_t, Dp, true);   // += P^T dO
+            gemm(kBN, Dp, kBM, dPt.data(), kBM, Qs.data(), Dp, dK_t, Dp, true);   // += dS^T sQ
+            gemm<true>(rows, Dp, kBN, dPt.data(), kBM, K_t, Dp, dQ.data(), Dp, true);  // += dS K
+          }
+          for (int64_t r = 0; r < rows; ++r) {
+            const float* src = dQ.data() + r * Dp;
+            if (C == 1) {
+              T* dst = dq.row(b, h, m0 + r);
+              for (int64_t d = 0; d < s.D; ++d) dst[d] = static_cast<T>(scale * src[d]);
+            } else {
+              std::copy(src, src + Dp, part + ((c * s.B * s.Hq * s.Lq) + row0 + r) * Dp);
+            }
           }
         }
       }
-      for (int64_t j = 0; j < keys; ++j) {
-        T* dk_row = dk.row(b, hk, n0 + j);
-        T* dv_row = dv.row(b, hk, n0 + j);
+      for (int64_t j = 0; j < k1 - k0; ++j) {
+        T* dk_row = dk.row(b, hk, k0 + j);
+        T* dv_row = dv.row(b, hk, k0 + j);
         for (int64_t d = 0; d < s.D; ++d) {
           dk_row[d] = static_cast<T>(dK[j * Dp + d]);
           dv_row[d] = static_cast<T>(dV[j * Dp + d]);
@@ -321,56 +427,16 @@ void dkdv_kernel(const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor
       }
     }
   });
-}
-
-// dQ for one query tile: scale * sum over key tiles of dS K.
-template <typename T>
-void dq_kernel(const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_,
-               const at::Tensor& v_, const bool* mask, const float* lse, const float* delta,
-               float scale, at::Tensor& dq_) {
-  const Dims s(q_, k_);
-  const Rows<const T> dout(dout_), q(q_), k(k_), v(v_);
-  const Rows<T> dq(dq_);
-  const int64_t q_tiles = (s.Lq + kBM - 1) / kBM, Dp = s.Dp;
-
-  at::parallel_for(0, s.B * s.Hq * q_tiles, 1, [&](int64_t begin, int64_t end) {
-    // Q, dO, dQ [kBM x Dp]; K [kBN x Dp]; K^T, V^T [Dp x kBN]; P, dP [kBM x kBN].
-    std::vector<float> Qs(kBM * Dp), dOs(kBM * Dp), dQ(kBM * Dp), Ks(kBN * Dp);
-    std::vector<float> Kt(Dp * kBN), Vt(Dp * kBN), P(kBM * kBN), dP(kBM * kBN);
-    float bias[kBN];
-    for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t b = unit / (s.Hq * q_tiles), h = unit / q_tiles % s.Hq;
-      const int64_t m0 = unit % q_tiles * kBM, rows = std::min(kBM, s.Lq - m0);
-      const int64_t rows_pad = round_up(rows, kMR), hk = h / s.G;
-      const int64_t row0 = (b * s.Hq + h) * s.Lq + m0;
-      const bool* mask_row = mask ? mask + b * s.Lk : nullptr;
-      pack_rows(Qs.data(), Dp, q, b, h, m0, rows, rows_pad, s.D, scale);
-      pack_rows(dOs.data(), Dp, dout, b, h, m0, rows, rows_pad, s.D, 1.f);
-      std::fill(dQ.begin(), dQ.end(), 0.f);
-
-      for (int64_t n0 = 0; n0 < s.Lk; n0 += kBN) {
-        const int64_t valid = key_bias(bias, mask_row, n0, s.Lk);
-        if (valid == 0) continue;
-        const int64_t keys = std::min(kBN, s.Lk - n0);
-        pack_cols(Kt.data(), kBN, k, b, hk, n0, keys, s.D, Dp, 1.f);
-        pack_cols(Vt.data(), kBN, v, b, hk, n0, keys, s.D, Dp, 1.f);
-        pack_rows(Ks.data(), Dp, k, b, hk, n0, keys, kBN, s.D, 1.f);
-        gemm(rows_pad, kBN, Dp, Qs.data(), Dp, Kt.data(), kBN, P.data(), kBN, false);    // S
-        gemm(rows_pad, kBN, Dp, dOs.data(), Dp, Vt.data(), kBN, dP.data(), kBN, false);  // dP
-        for (int64_t r = 0; r < rows_pad; ++r) {
-          float* Pr = P.data() + r * kBN;
-          float* dPr = dP.data() + r * kBN;
-          const Vec l(r < rows ? lse[row0 + r] : kInf), dl(r < rows ? delta[row0 + r] : 0.f);
-          for (int64_t j = 0; j < kBN; j += kW) {
-            const Vec p = (Vec::loadu(Pr + j) + Vec::loadu(bias + j) - l).exp();
-            (p * (Vec::loadu(dPr + j) - dl)).store(dPr + j);  // dS
-          }
-        }
-        gemm(rows_pad, Dp, kBN, dP.data(), kBN, Ks.data(), Dp, dQ.data(), Dp, true);
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        T* dst = dq.row(b, h, m0 + r);
-        for (int64_t d = 0; d < s.D; ++d) dst[d] = static_cast<T>(scale * dQ[r * Dp + d]);
+  if (C == 1) return;
+  // dq = scale * sum_c dq_part[c], summed in chunk order.
+  const int64_t rows = s.B * s.Hq * s.Lq, stride = rows * Dp;
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T* dst = dq.row(i / (s.Hq * s.Lq), i / s.Lq % s.Hq, i % s.Lq);
+      for (int64_t d = 0; d < s.D; ++d) {
+        float acc = 0.f;
+        for (int64_t c = 0; c < C; ++c) acc += part[c * stride + i * Dp + d];
+        dst[d] = static_cast<T>(scale * acc);
       }
     }
   });
@@ -427,10 +493,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bidirectional_attention_bwd_cpu(
   const float s = static_cast<float>(scale);
   LLADA_DISPATCH_ATTENTION_TYPES(q.scalar_type(), "bidirectional_attention_bwd_cpu", [&] {
     delta_kernel<scalar_t>(grad_out, out, delta.data_ptr<float>());
-    dkdv_kernel<scalar_t>(grad_out, q, k, v, mask, lse.data_ptr<float>(),
-                          delta.data_ptr<float>(), s, dk, dv);
-    dq_kernel<scalar_t>(grad_out, q, k, v, mask, lse.data_ptr<float>(), delta.data_ptr<float>(),
-                        s, dq);
+    backward_kernel<scalar_t>(grad_out, q, k, v, mask, lse.data_ptr<float>(),
+                              delta.data_ptr<float>(), s, dq, dk, dv);
   });
   return {dq, dk, dv};
 }
