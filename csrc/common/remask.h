@@ -19,6 +19,9 @@
 //   transfer[b, l] = key >= 0 && key >= bound;  x_new = transfer ? x0 : x.
 // A confidence of -0 is keyed as +0 (ordered() would put it below a threshold of 0, where the
 // reference's >= commits it), and a NaN confidence scores 0.
+#include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
+
 #include <cstdint>
 #include <cstring>
 
@@ -44,6 +47,15 @@ LLADA_HD int64_t selection_key(float confidence, int64_t l) {
 
 LLADA_HD int64_t threshold_key(float threshold) {
   return static_cast<int64_t>(ordered_bits(threshold)) << 31;
+}
+
+// The schema's `remasking` argument, parsed on the host once per call.
+inline Remasking parse_remasking(c10::string_view name) {
+  if (name == "low_confidence") return Remasking::LowConfidence;
+  if (name == "random") return Remasking::Random;
+  if (name == "margin") return Remasking::Margin;
+  TORCH_CHECK(name == "entropy", "remask_step: unknown remasking '", name, "'");
+  return Remasking::Entropy;
 }
 
 constexpr int64_t kNoCandidate = -1;

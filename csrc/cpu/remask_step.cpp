@@ -412,14 +412,6 @@ void score_candidates(const at::Tensor& logits, const at::Tensor* uncond, const 
 // The operators
 // ---------------------------------------------------------------------------------------------
 
-Remasking parse_remasking(c10::string_view name) {
-  if (name == "low_confidence") return Remasking::LowConfidence;
-  if (name == "random") return Remasking::Random;
-  if (name == "margin") return Remasking::Margin;
-  TORCH_CHECK(name == "entropy", "remask_step: unknown remasking '", name, "'");
-  return Remasking::Entropy;
-}
-
 std::vector<int64_t> sorted_ids(at::IntArrayRef ids, int64_t V, const char* name) {
   std::vector<int64_t> out(ids.begin(), ids.end());
   for (const int64_t id : out) {

@@ -406,14 +406,6 @@ __global__ void gumbel_from_bits_kernel(const int64_t* bits, float* out, int64_t
     out[i] = gumbel_from_bits(static_cast<uint64_t>(bits[i]));
 }
 
-Remasking parse_remasking(c10::string_view name) {
-  if (name == "low_confidence") return Remasking::LowConfidence;
-  if (name == "random") return Remasking::Random;
-  if (name == "margin") return Remasking::Margin;
-  if (name == "entropy") return Remasking::Entropy;
-  TORCH_CHECK(false, "remask_step: unknown remasking '", name, "'");
-}
-
 // Calls f(std::integral_constant<bool, value>).
 template <typename F>
 void with_bool(bool value, F&& f) {
