@@ -72,8 +72,9 @@ def _extension():
     # Triton-free C++ kernels vectorise through ATen's Vectorized<T>, which needs these.
     cxx += ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"] \
         if os.uname().machine == "x86_64" else []
+    # ptxas -Werror with -warn-spills: a register spill in any kernel fails the build.
     nvcc = ["-O3", "-std=c++20", "-lineinfo", "-DLLADA_WITH_CUDA",
-            "--expt-relaxed-constexpr", "-Xptxas=-warn-spills"]
+            "--expt-relaxed-constexpr", "-Xptxas=-warn-spills", "-Xptxas=-Werror"]
     kwargs = dict(
         name="llada_kernels._C",
         sources=sources,
