@@ -4,7 +4,9 @@ confidences, per-row stop at EOS and a prefix KV cache.
 
 Where the time goes in the reference, and what this sampler does instead:
   * the lm_head runs over the whole sequence every step: here only over the current block
-    (hidden states of the other positions never meet the [V, D] head);
+    (hidden states of the other positions never meet the [V, D] head), and the last layer
+    computes its queries, attention output and MLP only for the block's rows (its keys and
+    values still cover the whole sequence; exact, see LLaDAModel.hidden_states);
   * CFG materialises three [B, L, V] tensors: here the conditional and unconditional rows come
     from one batched model call and remask_step combines them on the fly;
   * a Python loop over the batch runs torch.topk per row: here remask_step takes a [B] tensor
@@ -192,14 +194,14 @@ def _block_logits(model, x, am, prompt_index, lo, hi, cfg_scale, mask_id, prefix
     B = x.shape[0]
     xin, amin = _cfg_batch(x, am, prompt_index, mask_id) if cfg_scale > 0 else (x, am)
     if not prefix_cache:
-        h = model.hidden_states(xin, amin)[:, lo:hi]                         # [B(x2), W, D]
+        h = model.hidden_states(xin, amin, output_positions=slice(lo, hi))      # [B(x2), W, D]
     elif cache is None:
-        h, kv = model.hidden_states(xin, amin, return_kv=True)
+        h, kv = model.hidden_states(xin, amin, return_kv=True, output_positions=slice(lo, hi))
         cache = (lo, [(k[:, :, :lo], v[:, :, :lo]) for k, v in kv])
-        h = h[:, lo:hi]
     else:
         start, kv = cache
-        h = model.hidden_states(xin[:, start:], amin, past_kv=kv)[:, lo - start:hi - start]
+        h = model.hidden_states(xin[:, start:], amin, past_kv=kv,
+                                output_positions=slice(lo - start, hi - start))
     logits = model.lm_head(h)                                                # [B(x2), W, V]
     if cfg_scale > 0:
         return logits[:B], logits[B:], cache
