@@ -234,6 +234,23 @@ def test_last_layer_runs_on_the_window_only(model, cfg):
     assert seen == [("first", (rows, 23)), ("q", (rows, 8)), ("mlp", (rows, 8))] * 2
 
 
+def test_output_is_an_ordinary_tensor(model):
+    """generate runs under inference_mode but returns ordinary tensors: they can be changed in
+    place and fed to a training step (inference tensors cannot be saved for backward)."""
+    p, am = prompts()
+    out, stats = generate(model, p, am, steps=2, gen_length=8, block_length=8, mask_id=MASK,
+                          return_stats=True)
+    assert not out.is_inference() and not torch.is_inference_mode_enabled()
+    assert stats.model_calls == 2
+    out[:, 0] = 0
+    model.train()
+    try:
+        model(out).logits.square().mean().backward()
+    finally:
+        model.eval()
+        model.zero_grad(set_to_none=True)
+
+
 def test_prefix_cache(model):
     p, am = prompts()
     kw = dict(gen_length=16, block_length=8, mask_id=MASK)
