@@ -4,8 +4,10 @@ model with every op on the eager reference path.
   eager   sampling: LLaDA's generate() (llada_kernels.reference.llada_official, the full-sequence
           lm_head every step, a Python loop over the batch) with attention on its reference
           backend; training: GUIDELINES.md's loss on full [B, L, V] logits.
-  ours    sampling: llada_kernels.generate (lm_head on the current block, remask_step);
-          training: llada_kernels.trainer.pretrain_loss (hidden states into the fused loss).
+  ours    sampling: llada_kernels.generate (the last layer's queries, MLP and the lm_head on
+          the current block only, remask_step, inference_mode);
+          training: llada_kernels.trainer.pretrain_loss (the last layer's attn_out and MLP on
+          the masked rows only, their hidden states into the fused loss).
   ours_prefix_cache   sampling with Fast-dLLM's prefix KV cache (approximate).
 
 Targets (CPU, issue 5): sampling >= 1.5x, training step >= 1.3x, lower peak memory.

@@ -4,7 +4,9 @@ confidences, per-row stop at EOS and a prefix KV cache.
 
 Where the time goes in the reference, and what this sampler does instead:
   * the lm_head runs over the whole sequence every step: here only over the current block
-    (hidden states of the other positions never meet the [V, D] head);
+    (hidden states of the other positions never meet the [V, D] head), and the last layer
+    computes its queries, attention output and MLP only for the block's rows (its keys and
+    values still cover the whole sequence; exact, see LLaDAModel.hidden_states);
   * CFG materialises three [B, L, V] tensors: here the conditional and unconditional rows come
     from one batched model call and remask_step combines them on the fly;
   * a Python loop over the batch runs torch.topk per row: here remask_step takes a [B] tensor
@@ -16,6 +18,7 @@ Shapes: B batch, Lp prompt length, L = Lp + gen_length, W the logits window of a
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -47,7 +50,21 @@ def num_transfer_schedule(block_masked: torch.Tensor, steps: int) -> torch.Tenso
     return base[:, None] + (torch.arange(steps, device=block_masked.device) < rem[:, None])
 
 
-@torch.no_grad()
+def _inference(fn):
+    """Run fn under torch.inference_mode, whose ops skip the autograd bookkeeping that
+    no_grad still does (version counters, view tracking): a few % of a small model's step.
+    The token tensor it returns is cloned out of inference mode, so that it is an ordinary
+    tensor (an inference tensor cannot be saved for a later backward, e.g. as a training
+    batch)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode():
+            out = fn(*args, **kwargs)
+        return (out[0].clone(), *out[1:]) if isinstance(out, tuple) else out.clone()
+    return wrapper
+
+
+@_inference
 def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, block_length=128,
              temperature=0., cfg_scale=0., remasking="low_confidence", mask_id=LLADA_MASK_ID,
              logits_eos_inf=False, confidence_eos_eot_inf=False, *, eos_id=LLADA_EOS_ID,
@@ -124,8 +141,10 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
     x[:, :Lp] = prompt
     am = None
     if attention_mask is not None:
-        am = torch.cat([attention_mask.to(device),
-                        torch.ones(B, gen_length, dtype=attention_mask.dtype, device=device)], -1)
+        # An LLaDAModel gets it as bool once here, not converted again at every call.
+        dtype = torch.bool if fast else attention_mask.dtype
+        am = torch.cat([attention_mask.to(device=device, dtype=dtype),
+                        torch.ones(B, gen_length, dtype=dtype, device=device)], -1)
     prompt_index = x != mask_id                                              # [B, L]
     # Masks inside the prompt are candidates in every block, as in the reference; the logits
     # window then starts at the first of them (one host sync, here, once).
@@ -192,14 +211,14 @@ def _block_logits(model, x, am, prompt_index, lo, hi, cfg_scale, mask_id, prefix
     B = x.shape[0]
     xin, amin = _cfg_batch(x, am, prompt_index, mask_id) if cfg_scale > 0 else (x, am)
     if not prefix_cache:
-        h = model.hidden_states(xin, amin)[:, lo:hi]                         # [B(x2), W, D]
+        h = model.hidden_states(xin, amin, output_positions=slice(lo, hi))      # [B(x2), W, D]
     elif cache is None:
-        h, kv = model.hidden_states(xin, amin, return_kv=True)
+        h, kv = model.hidden_states(xin, amin, return_kv=True, output_positions=slice(lo, hi))
         cache = (lo, [(k[:, :, :lo], v[:, :, :lo]) for k, v in kv])
-        h = h[:, lo:hi]
     else:
         start, kv = cache
-        h = model.hidden_states(xin[:, start:], amin, past_kv=kv)[:, lo - start:hi - start]
+        h = model.hidden_states(xin[:, start:], amin, past_kv=kv,
+                                output_positions=slice(lo - start, hi - start))
     logits = model.lm_head(h)                                                # [B(x2), W, V]
     if cfg_scale > 0:
         return logits[:B], logits[B:], cache

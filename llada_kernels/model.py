@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ._checks import values_checked
 from .ops.attention import bidirectional_attention
 
 # Released config fields that name an architecture choice, with the one value this model
@@ -133,11 +134,46 @@ def rope_tables(head_dim: int, theta: float, length: int, device) -> tuple[torch
 
 
 def apply_rope(t, cos, sin):
-    """t [B, H, L, Dh] rotated in fp32 by cos/sin [L, Dh]; returned in t's dtype."""
+    """t [B, H, L, Dh] rotated in fp32 by cos/sin [L, Dh] (or [B, 1, L, Dh]: per-row
+    positions); returned in t's dtype."""
     t32 = t.float()
     t1, t2 = t32.chunk(2, dim=-1)
     rotated = torch.cat((-t2, t1), dim=-1)
     return (t32 * cos + rotated * sin).to(t.dtype)
+
+
+def _check_positions(positions, B: int, L: int, device):
+    """hidden_states' output_positions -> None, a slice with step 1, a [B, n] int64 index or
+    a [B, L] bool mask."""
+    if positions is None:
+        return None
+    if isinstance(positions, slice):
+        start, stop, step = positions.indices(L)
+        if step != 1:
+            raise ValueError(f"LLaDAModel: output_positions as a slice must have step 1; "
+                             f"got {positions}")
+        return slice(start, max(start, stop))
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError("LLaDAModel: output_positions must be None, a slice, a [B, n] int64 "
+                        f"tensor or a [B, L] bool tensor; got {type(positions).__name__}")
+    if positions.device != device:
+        raise ValueError(f"LLaDAModel: output_positions is on {positions.device} but input_ids "
+                         f"is on {device}")
+    if positions.dtype == torch.bool:
+        if tuple(positions.shape) != (B, L):
+            raise ValueError(f"LLaDAModel: output_positions as a bool mask must have the shape "
+                             f"of input_ids {[B, L]}; got {list(positions.shape)}")
+        return positions
+    if positions.dtype != torch.int64 or positions.dim() != 2 or positions.shape[0] != B:
+        raise ValueError(f"LLaDAModel: output_positions must be a [B, n] = [{B}, n] int64 index "
+                         f"or a [B, L] = {[B, L]} bool mask; got "
+                         f"{str(positions.dtype).removeprefix('torch.')} of shape "
+                         f"{list(positions.shape)}")
+    if values_checked() and positions.numel() and bool(((positions < 0) | (positions >= L)).any()):
+        bad = positions[(positions < 0) | (positions >= L)][0].item()
+        raise ValueError(f"LLaDAModel: output_positions holds {bad}, outside the positions "
+                         f"[0, {L}) of input_ids")
+    return positions
 
 
 class LLaDABlock(nn.Module):
@@ -158,21 +194,37 @@ class LLaDABlock(nn.Module):
         self.up_proj = nn.Linear(D, F_, bias=False)
         self.ff_out = nn.Linear(F_, D, bias=False)
 
-    def forward(self, x, cos, sin, key_mask, past_kv=None, backend=None):
+    def forward(self, x, cos, sin, key_mask, past_kv=None, backend=None, rows=None):
         """x [B, L, D]; cos/sin [L, Dh] for x's positions; key_mask [B, P+L] bool or None;
-        past_kv: (k, v) [B, Hkv, P, Dh] of a cached prefix. Returns y [B, L, D] and this
-        layer's (k, v) [B, Hkv, P+L, Dh]."""
-        B, L, _ = x.shape
+        past_kv: (k, v) [B, Hkv, P, Dh] of a cached prefix; rows: the output rows, as
+        LLaDAModel.hidden_states' output_positions (None, a slice, a [B, n] int64 index or a
+        [B, L] bool mask). Returns y [B, n, D] ([B, L, D] without rows; [N, D], the mask's
+        rows in order, with a bool mask) and this layer's (k, v) [B, Hkv, P+L, Dh], which
+        always cover every position."""
+        B, L, D = x.shape
         n = self.attn_norm(x)
-        q = self.q_proj(n).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)     # [B, H, L, Dh]
         k = self.k_proj(n).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, L, Dh]
         v = self.v_proj(n).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, L, Dh]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k = apply_rope(k, cos, sin)
         if past_kv is not None:
             k = torch.cat((past_kv[0], k), dim=2)                                       # [B, Hkv, P+L, Dh]
             v = torch.cat((past_kv[1], v), dim=2)
-        a = bidirectional_attention(q, k, v, key_mask, backend=backend)                   # [B, H, L, Dh]
-        h = x + self.attn_out(a.transpose(1, 2).reshape(B, L, -1))
+        # Queries only for the output rows. A bool mask selects a different number of rows
+        # per sequence: its queries stay [B, H, L, Dh] and the rows are picked after attention.
+        if isinstance(rows, slice):
+            x, n, cos, sin = x[:, rows], n[:, rows], cos[rows], sin[rows]
+        elif rows is not None and rows.dtype != torch.bool:  # [B, nq] positions
+            at = rows[..., None].expand(-1, -1, D)
+            x, n = x.gather(1, at), n.gather(1, at)
+            cos, sin = cos[rows][:, None], sin[rows][:, None]                           # [B, 1, nq, Dh]
+        Lq = x.shape[1]
+        q = self.q_proj(n).view(B, Lq, self.n_heads, self.head_dim).transpose(1, 2)   # [B, H, Lq, Dh]
+        q = apply_rope(q, cos, sin)
+        a = bidirectional_attention(q, k, v, key_mask, backend=backend)                   # [B, H, Lq, Dh]
+        a = a.transpose(1, 2).reshape(B, Lq, D)
+        if rows is not None and not isinstance(rows, slice) and rows.dtype == torch.bool:
+            x, a = x[rows], a[rows]                                                     # [N, D]
+        h = x + self.attn_out(a)
         m = self.ff_norm(h)
         return h + self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m)), (k, v)
 
@@ -254,7 +306,8 @@ class LLaDAModel(nn.Module):
         cos, sin = self._rope
         return cos[start:end], sin[start:end]
 
-    def hidden_states(self, input_ids, attention_mask=None, *, past_kv=None, return_kv=False):
+    def hidden_states(self, input_ids, attention_mask=None, *, past_kv=None, return_kv=False,
+                      output_positions=None):
         """Hidden states after ln_f, without the lm_head.
 
         Args:
@@ -265,9 +318,19 @@ class LLaDAModel(nn.Module):
             past_kv: per layer (k, v) [B, Hkv, P, Dh] of positions 0..P-1, from an earlier call
                 with return_kv=True (the sampler's prefix cache).
             return_kv: also return every layer's (k, v) [B, Hkv, P+L, Dh].
+            output_positions: the rows of hidden to return: None (all L); a slice of 0..L-1
+                with step 1 (n = its length); a [B, n] int64 tensor of indices into 0..L-1
+                (row b's own rows; repeats allowed); or a [B, L] bool mask, which returns
+                hidden[mask] flattened, [N, D] (N = mask.sum(); boolean indexing, so one host
+                synchronisation on an accelerator). Exact, and cheaper: every layer but the
+                last needs all L rows (attention mixes them), but the last one computes its
+                attn_out and MLP (and, but for a bool mask, its queries and attention) only
+                for the output rows, against keys and values of all P+L positions. The
+                sampler asks for its logits window, the trainer for the masked rows.
 
         Returns:
-            hidden [B, L, D], or (hidden, kv) with return_kv.
+            hidden [B, n, D] (n = L without output_positions; [N, D] for a bool mask), or
+            (hidden, kv) with return_kv.
         """
         B, L = input_ids.shape
         P = 0 if past_kv is None else past_kv[0][0].shape[2]
@@ -275,16 +338,19 @@ class LLaDAModel(nn.Module):
         if key_mask is not None and key_mask.shape != (B, P + L):
             raise ValueError(f"LLaDAModel: attention_mask must have shape {[B, P + L]}; "
                              f"got {list(attention_mask.shape)}")
+        rows = _check_positions(output_positions, B, L, input_ids.device)
         x = self.model.transformer.wte(input_ids)                                    # [B, L, D]
         cos, sin = self._rope_for(P, L, x.device)                                   # [L, Dh]
+        blocks = self.model.transformer.blocks
         kv = []
-        for i, block in enumerate(self.model.transformer.blocks):
+        for i, block in enumerate(blocks):
             past = None if past_kv is None else past_kv[i]
+            last_rows = rows if i == len(blocks) - 1 else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x, layer_kv = checkpoint(block, x, cos, sin, key_mask, past, self.backend,
-                                         use_reentrant=False)
+                                         last_rows, use_reentrant=False)
             else:
-                x, layer_kv = block(x, cos, sin, key_mask, past, self.backend)
+                x, layer_kv = block(x, cos, sin, key_mask, past, self.backend, last_rows)
             if return_kv:
                 kv.append(layer_kv)
         h = self.model.transformer.ln_f(x)

@@ -29,7 +29,7 @@ LLADA_MASK_ID = 126336
 
 # ---- the model's hidden states and head ------------------------------------------------------
 
-def hidden_and_head(model, input_ids, attention_mask=None):
+def hidden_and_head(model, input_ids, attention_mask=None, *, rows=None):
     """Hidden states after ln_f [B, L, D] and the lm_head (weight [V, D], bias or None).
 
     LLaDAModel: its `hidden_states` and `lm_head_weight`. A released LLaDAModelLM: its own
@@ -40,9 +40,14 @@ def hidden_and_head(model, input_ids, attention_mask=None):
         hidden, (weight, bias) = hidden_and_head(model, noisy_batch)
         loss = llada_kernels.fused_linear_masked_diffusion_loss(
             hidden, weight, input_ids, masked_indices, p_mask, bias=bias) / (B * L)
+
+    rows: None, or a [B, L] bool mask: then only hidden[rows], [N, D], is returned (an
+    LLaDAModel computes its last layer's attn_out and MLP for these rows only; see
+    LLaDAModel.hidden_states' output_positions).
     """
     if hasattr(model, "hidden_states") and hasattr(model, "lm_head_weight"):
-        return model.hidden_states(input_ids, attention_mask), (model.lm_head_weight, None)
+        return (model.hidden_states(input_ids, attention_mask, output_positions=rows),
+                (model.lm_head_weight, None))
     inner = getattr(model, "model", model)
     t = getattr(inner, "transformer", None)
     if t is None:
@@ -56,7 +61,7 @@ def hidden_and_head(model, input_ids, attention_mask=None):
     weight, bias = head.weight, getattr(head, "bias", None)
     with _identity_head(inner, t, tied):
         hidden = model(input_ids, attention_mask=attention_mask).logits
-    return hidden, (weight, bias)
+    return (hidden if rows is None else hidden[rows]), (weight, bias)
 
 
 @contextlib.contextmanager
@@ -93,10 +98,7 @@ def pretrain_loss(model, input_ids, *, mask_id=None, eps=1e-3, generator=None, b
     B, L = input_ids.shape
     noisy, masked, p_mask = forward_process(input_ids, eps=eps, mask_id=_mask_id(model, mask_id),
                                             generator=generator)
-    hidden, (weight, bias) = hidden_and_head(model, noisy)
-    loss = fused_linear_masked_diffusion_loss(hidden, weight, input_ids, masked, p_mask, bias=bias,
-                                              backend=backend)
-    return loss / (B * L)
+    return _masked_rows_loss(model, noisy, input_ids, masked, p_mask, backend) / (B * L)
 
 
 def sft_loss(model, input_ids, prompt_lengths, *, mask_id=None, eps=1e-3, generator=None,
@@ -110,11 +112,19 @@ def sft_loss(model, input_ids, prompt_lengths, *, mask_id=None, eps=1e-3, genera
     noisy, masked, p_mask = forward_process(input_ids, eps=eps, mask_id=_mask_id(model, mask_id),
                                             prompt_lengths=prompt_lengths, generator=generator)
     answer_length = (L - prompt_lengths).to(p_mask.dtype)                          # [B]
-    hidden, (weight, bias) = hidden_and_head(model, noisy)
-    loss = fused_linear_masked_diffusion_loss(hidden, weight, input_ids, masked,
-                                              p_mask * answer_length[:, None], bias=bias,
-                                              backend=backend)
-    return loss / B
+    return _masked_rows_loss(model, noisy, input_ids, masked, p_mask * answer_length[:, None],
+                             backend) / B
+
+
+def _masked_rows_loss(model, noisy, targets, masked, divisor, backend):
+    """sum over masked (b, l) of CE(logits[b, l], targets[b, l]) / divisor[b, l], with the
+    hidden states (and an LLaDAModel's last layer) computed only for the N masked rows, which
+    go into the fused loss as one [1, N] sequence. noisy, targets [B, L] int64, masked [B, L]
+    bool, divisor [B, L] float32."""
+    hidden, (weight, bias) = hidden_and_head(model, noisy, rows=masked)              # [N, D]
+    every = torch.ones((1, hidden.shape[0]), dtype=torch.bool, device=hidden.device)
+    return fused_linear_masked_diffusion_loss(hidden[None], weight, targets[masked][None], every,
+                                              divisor[masked][None], bias=bias, backend=backend)
 
 
 # ---- Monte-Carlo log-likelihood ---------------------------------------------------------------

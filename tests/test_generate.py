@@ -215,6 +215,42 @@ def test_stop_at_eos_skips_finished_rows(model):
     assert stats.calls_per_block == [4] and (out[:, 7 + 4:] == EOS).all()
 
 
+@pytest.mark.parametrize("cfg", [0.0, 1.0])
+def test_last_layer_runs_on_the_window_only(model, cfg):
+    """The sampler asks hidden_states for the logits window: the last block's queries and MLP
+    see W rows per sequence (the first block every row), and the tokens are those of
+    LLaDA's generate (test_identical_tokens_to_llada_generate checks the cases)."""
+    p, am = prompts()
+    first, last = model.model.transformer.blocks[0], model.model.transformer.blocks[-1]
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, inp, out, name=name: seen.append((name, inp[0].shape[:-1])))
+             for name, m in (("first", first.ff_proj), ("q", last.q_proj), ("mlp", last.ff_proj))]
+    try:
+        generate(model, p, am, steps=2, gen_length=16, block_length=8, mask_id=MASK, cfg_scale=cfg)
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = 6 if cfg else 3
+    assert seen == [("first", (rows, 23)), ("q", (rows, 8)), ("mlp", (rows, 8))] * 2
+
+
+def test_output_is_an_ordinary_tensor(model):
+    """generate runs under inference_mode but returns ordinary tensors: they can be changed in
+    place and fed to a training step (inference tensors cannot be saved for backward)."""
+    p, am = prompts()
+    out, stats = generate(model, p, am, steps=2, gen_length=8, block_length=8, mask_id=MASK,
+                          return_stats=True)
+    assert not out.is_inference() and not torch.is_inference_mode_enabled()
+    assert stats.model_calls == 2
+    out[:, 0] = 0
+    model.train()
+    try:
+        model(out).logits.square().mean().backward()
+    finally:
+        model.eval()
+        model.zero_grad(set_to_none=True)
+
+
 def test_prefix_cache(model):
     p, am = prompts()
     kw = dict(gen_length=16, block_length=8, mask_id=MASK)

@@ -205,6 +205,128 @@ def test_prefix_kv_gives_the_same_hidden_states():
         model.hidden_states(ids[:, 5:], am[:, 5:], past_kv=past)
 
 
+# --------------------------------------------------------------------------------------------
+# output_positions: the last layer only for the rows asked for
+# --------------------------------------------------------------------------------------------
+
+def _padded_ids(B=3, L=13, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (B, L), generator=g)
+    am = torch.ones(B, L, dtype=torch.long)
+    am[1, :3] = 0
+    return ids, am
+
+
+@pytest.mark.parametrize("kv_heads", [4, 1])
+@pytest.mark.parametrize("sl", [slice(5, 12), slice(0, 13), slice(12, 13), slice(-4, None),
+                                slice(3, 100), slice(7, 7)])
+def test_output_positions_slice_gives_the_rows_of_the_full_call(kv_heads, sl):
+    model = tiny_model(n_kv_heads=kv_heads)
+    ids, am = _padded_ids()
+    full, kv_full = model.hidden_states(ids, am, return_kv=True)
+    h, kv = model.hidden_states(ids, am, return_kv=True, output_positions=sl)
+    assert h.shape == full[:, sl].shape
+    torch.testing.assert_close(h, full[:, sl], rtol=1e-5, atol=1e-6)
+    for (k, v), (k_ref, v_ref) in zip(kv, kv_full):  # keys and values still cover every row
+        assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+
+
+def test_output_positions_with_a_cached_prefix():
+    model = tiny_model()
+    ids, am = _padded_ids()
+    full, kv = model.hidden_states(ids, am, return_kv=True)
+    past = [(k[:, :, :5], v[:, :, :5]) for k, v in kv]
+    tail = model.hidden_states(ids[:, 5:], am, past_kv=past, output_positions=slice(2, 6))
+    torch.testing.assert_close(tail, full[:, 7:11], rtol=1e-5, atol=1e-6)  # positions 7..10
+
+
+def test_output_positions_index_gives_each_row_its_own_positions():
+    """A [B, n] index: rows differ per sequence, repeat, and come in any order; RoPE uses
+    each query's own position."""
+    model = tiny_model()
+    ids, am = _padded_ids()
+    full = model.hidden_states(ids, am)
+    idx = torch.tensor([[12, 0, 5, 5], [3, 4, 11, 1], [6, 6, 6, 6]])
+    h = model.hidden_states(ids, am, output_positions=idx)
+    assert h.shape == (3, 4, 32)
+    torch.testing.assert_close(h, full[torch.arange(3)[:, None], idx], rtol=1e-5, atol=1e-6)
+    assert model.hidden_states(ids, am, output_positions=idx[:, :0]).shape == (3, 0, 32)
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_output_positions_mask_gives_the_same_values_and_gradients(ckpt):
+    """A [B, L] bool mask returns hidden[mask], [N, D]; forward and gradients are those of the
+    full call indexed afterwards (the trainer's masked-rows path): against the full call in
+    float64, the error is at most 2x that of the full call in float32 (the gradients' sums
+    over rows only lose their zero terms, which changes the rounding)."""
+    ids, am = _padded_ids()
+    rows = torch.rand(ids.shape, generator=torch.Generator().manual_seed(5)) < 0.4
+    rows[2] = False  # a sequence with no row
+    rows[0, -1] = True
+    weight = torch.randn(int(rows.sum()), 32, dtype=torch.float64)
+
+    def run(mask, dtype):
+        model = tiny_model(seed=3).to(dtype).train()
+        model.gradient_checkpointing = ckpt
+        model.backend = "reference" if dtype == torch.float64 else None
+        h = model.hidden_states(ids, am, output_positions=mask)
+        h = h[rows] if mask is None else h
+        (h * weight.to(dtype)).sum().backward()
+        return [h.double()] + [p.grad.double() for p in model.parameters() if p.grad is not None]
+
+    exact, full, ours = run(None, torch.float64), run(None, torch.float32), run(rows, torch.float32)
+    assert ours[0].shape == (int(rows.sum()), 32) and len(ours) == len(exact) == 3 + 9 * 2
+    for e, f, o in zip(exact, full, ours):
+        assert (o - e).abs().max() <= 2 * (f - e).abs().max() + 1e-7
+
+
+def test_output_positions_mask_all_and_none():
+    model = tiny_model()
+    ids, am = _padded_ids()
+    full = model.hidden_states(ids, am)
+    every = torch.ones(ids.shape, dtype=torch.bool)
+    torch.testing.assert_close(model.hidden_states(ids, am, output_positions=every),
+                               full.reshape(-1, 32), rtol=1e-5, atol=1e-6)
+    assert model.hidden_states(ids, am, output_positions=~every).shape == (0, 32)
+
+
+def test_output_positions_last_layer_computes_only_those_rows(monkeypatch):
+    """The saving itself: the last block's q_proj and MLP see only the output rows, the
+    other blocks every row, and every block's k_proj every row."""
+    model = tiny_model(n_layers=3)
+    ids, am = _padded_ids()
+    seen = {}
+    for i, block in enumerate(model.model.transformer.blocks):
+        for name in ("q_proj", "k_proj", "ff_proj"):
+            getattr(block, name).register_forward_hook(
+                lambda m, inp, out, key=(i, name): seen.__setitem__(key, inp[0].shape[:-1]))
+    model.hidden_states(ids, am, output_positions=slice(4, 6))
+    assert seen[(2, "q_proj")] == seen[(2, "ff_proj")] == (3, 2)
+    assert seen[(2, "k_proj")] == seen[(1, "q_proj")] == seen[(1, "ff_proj")] == (3, 13)
+    rows = torch.zeros(ids.shape, dtype=torch.bool)
+    rows[0, :3] = rows[2, 5] = True
+    model.hidden_states(ids, am, output_positions=rows)
+    assert seen[(2, "ff_proj")] == (4,) and seen[(2, "q_proj")] == (3, 13)
+
+
+@pytest.mark.parametrize("positions,exc,match", [
+    (slice(0, 8, 2), ValueError, "step 1"),
+    ([1, 2], TypeError, "output_positions must be None, a slice"),
+    (torch.zeros(3, 2, dtype=torch.int32), ValueError, r"output_positions must be a \[B, n\].*int32"),
+    (torch.zeros(2, 2, dtype=torch.long), ValueError, r"\[B, n\] = \[3, n\].*shape \[2, 2\]"),
+    (torch.zeros(3, dtype=torch.long), ValueError, r"shape \[3\]"),
+    (torch.tensor([[0], [13], [1]]), ValueError, r"holds 13, outside the positions \[0, 13\)"),
+    (torch.tensor([[0], [-1], [1]]), ValueError, "holds -1"),
+    (torch.zeros(3, 12, dtype=torch.bool), ValueError, r"bool mask must have the shape of input_ids \[3, 13\]"),
+    (torch.zeros(3, 13, dtype=torch.bool, device="meta"), ValueError, "output_positions is on meta"),
+])
+def test_output_positions_bad_input(positions, exc, match):
+    model = tiny_model()
+    ids, am = _padded_ids()
+    with pytest.raises(exc, match=match):
+        model.hidden_states(ids, am, output_positions=positions)
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     ids = torch.randint(0, V, (2, 8))
     grads = []
