@@ -125,8 +125,9 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
         * confidences are fp32 whatever the logits' dtype, and equal confidences commit the
           lower position first (torch.topk leaves ties unspecified);
         * cfg_scale > 0 with attention_mask=None works (the reference raises NameError);
-        * host synchronisation: none per step, except in threshold mode (one per step, to know
-          whether the block is done) and with stop_at_eos (one per block).
+        * host synchronisation: one per block (to find masks left of the block, which stay
+          candidates), plus one per step in threshold mode (to know whether the block is
+          done) and one per block with stop_at_eos.
     """
     B, Lp = _check(model, prompt, attention_mask, steps, gen_length, block_length, temperature,
                    cfg_scale, remasking, mask_id, threshold, prefix_cache)
@@ -146,10 +147,6 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
         am = torch.cat([attention_mask.to(device=device, dtype=dtype),
                         torch.ones(B, gen_length, dtype=dtype, device=device)], -1)
     prompt_index = x != mask_id                                              # [B, L]
-    # Masks inside the prompt are candidates in every block, as in the reference; the logits
-    # window then starts at the first of them (one host sync, here, once).
-    prompt_masked = (prompt == mask_id).any(0)
-    first_prompt_mask = int(prompt_masked.nonzero()[0]) if bool(prompt_masked.any()) else None
 
     stats = GenerateStats()
     rows = torch.arange(B, device=device)  # the rows still being generated (stop_at_eos)
@@ -157,9 +154,9 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
     for nb in range(gen_length // block_length):
         s = Lp + nb * block_length
         e = s + block_length
-        lo = s if first_prompt_mask is None else min(first_prompt_mask, s)
         xa, ama, pia = (x, am, prompt_index) if len(rows) == B else (
             x[rows], None if am is None else am[rows], prompt_index[rows])
+        lo = _window_start(xa, s, mask_id)
         schedule = num_transfer_schedule((xa[:, s:e] == mask_id).sum(1), steps_per_block)
         cache = None
         calls = 0
@@ -197,6 +194,15 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
     if bar is not None:
         bar.close()
     return (x, stats) if return_stats else x
+
+
+def _window_start(x, s, mask_id):
+    """Where the logits window of the block starting at s begins: s, or the first position
+    left of it that is still masked. The reference keeps every masked position before the
+    block's end a candidate: masks in the prompt (infilling), and positions of earlier blocks
+    where the chosen token was mask_id itself, so that they stayed masked. One host sync."""
+    left = (x[:, :s] == mask_id).any(0).nonzero()                            # [n, 1]
+    return int(left[0]) if len(left) else s
 
 
 def _cfg_batch(x, am, prompt_index, mask_id):

@@ -2,6 +2,8 @@
 left-padded batch, CFG, the EOS switches, several blocks), then the extensions: threshold
 decoding, margin/entropy, stop at EOS, the prefix cache, and argument errors."""
 
+import types
+
 import pytest
 import torch
 
@@ -111,6 +113,44 @@ def test_identical_tokens_through_the_logits_only_path(model):
     kw = dict(steps=8, gen_length=16, block_length=8, mask_id=MASK, cfg_scale=0.5)
     ref = official_generate(model, p, am, **kw)
     assert torch.equal(generate(LogitsOnly(model), p, am, **kw), ref)
+
+
+class PredictsMaskFirst(torch.nn.Module):
+    """A logits-only model (V = 8, mask id 7) that, while the second block is still all
+    masks, chooses mask_id at position P with the highest confidence; afterwards it chooses
+    token 3 there. Everywhere else it chooses token (position % 5) with less confidence,
+    rising with the position (no ties, whose order the reference leaves unspecified)."""
+
+    V, MASK, P = 8, 7, 5
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    @property
+    def device(self):
+        return self.anchor.device
+
+    def forward(self, x, attention_mask=None):
+        B, L = x.shape
+        logits = torch.zeros(B, L, self.V)
+        logits[:, torch.arange(L), torch.arange(L) % 5] = 1.0 + 0.1 * torch.arange(L)
+        second_block_empty = (x[:, -4:] == self.MASK).all(1)                 # [B]
+        logits[:, self.P] = 0.0
+        logits[second_block_empty, self.P, self.MASK] = 9.0
+        logits[~second_block_empty, self.P, 3] = 9.0
+        return types.SimpleNamespace(logits=logits)
+
+
+def test_positions_committed_as_mask_id_stay_candidates():
+    """The reference can commit mask_id itself; the position stays masked and is a candidate
+    in every later block. Its logits window must then reach back to it."""
+    m = PredictsMaskFirst()
+    p = torch.tensor([[1, 2, 3, 4], [4, 3, 2, 1]])
+    kw = dict(steps=4, gen_length=8, block_length=4, mask_id=m.MASK)
+    ref = official_generate(m, p, None, **kw)
+    assert (ref[:, m.P] == 3).all()  # mask_id at the first block, token 3 at the second
+    assert torch.equal(generate(m, p, None, **kw), ref)
 
 
 def test_llada_generate_runs_on_our_model_and_prompt_masks_are_decoded(model):
