@@ -70,13 +70,20 @@ def machine(device) -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
+def iterations_for(seconds: float, round_s: float = 0.05) -> int:
+    """Calls per timed round, so that a round lasts about round_s: a single call of a few
+    milliseconds is at the mercy of thread wake-ups on a 2-core machine."""
+    return max(1, min(100, round(round_s / max(seconds, 1e-6))))
+
+
 def measure(benchmark, fn, *, op, provider, shape, dtype, device, bytes=None, flops=None,
             rounds=5, warmup=1):
     """Time fn with pytest-benchmark and record the columns benchmarks/run.py writes."""
     start = time.perf_counter()
     fn()  # compile / warm caches outside the timing
     sync(device)
-    if time.perf_counter() - start > 2.0:  # slow eager baselines on 2 cores: fewer rounds
+    elapsed = time.perf_counter() - start
+    if elapsed > 2.0:  # slow eager baselines on 2 cores: fewer rounds
         rounds, warmup = min(rounds, 3), 0
     peak = peak_extra_bytes(fn, device)
 
@@ -89,4 +96,4 @@ def measure(benchmark, fn, *, op, provider, shape, dtype, device, bytes=None, fl
         op=op, provider=provider, shape=shape, dtype=str(dtype).removeprefix("torch."),
         device=device.type, bytes=bytes, flops=flops, peak_extra_bytes=peak,
         machine=machine(device))
-    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=iterations_for(elapsed))

@@ -64,7 +64,7 @@ def test_sampling(benchmark, provider, device, model_name):
             return generate(model, prompt, am, prefix_cache=provider == "ours_prefix_cache", **kw)
     measure(benchmark, fn, op=f"e2e_sampling[{model_name}]", provider=provider,
             shape=f"B={B} prompt={PROMPT} gen={GEN} block={BLOCK} steps={STEPS}",
-            dtype=torch.float32, device=device, rounds=3)
+            dtype=torch.float32, device=device, rounds=10)
 
 
 @pytest.mark.parametrize("model_name", list(MODELS))
@@ -91,4 +91,4 @@ def test_training_step(benchmark, provider, device, model_name):
             trainer.pretrain_loss(model, ids, mask_id=mask).backward()
             model.zero_grad(set_to_none=True)
     measure(benchmark, fn, op=f"e2e_train_step[{model_name}]", provider=provider,
-            shape=f"B={TRAIN_B} L={TRAIN_L}", dtype=torch.float32, device=device, rounds=3)
+            shape=f"B={TRAIN_B} L={TRAIN_L}", dtype=torch.float32, device=device, rounds=10)

@@ -2,7 +2,7 @@
 CSV (benchmarks/results/results.csv), a markdown table and a plot per op.
 
     python benchmarks/run.py                 # everything
-    python benchmarks/run.py -k remask       # extra arguments go to pytest; rows of ops
+    python benchmarks/run.py -k remask       # extra arguments go to pytest; rows of shapes
                                              # not run are kept from the last CSV
 
 Columns: op, provider, shape, dtype, device, median/p20/p80 in ms, GB/s (over the bytes the
@@ -55,13 +55,16 @@ def rows_from(report):
 
 
 def merge(rows, path):
-    """The new rows, plus the rows of ops this run did not measure from an earlier CSV, so
-    that `run.py -k <op>` refreshes one op's numbers and keeps the others."""
+    """The new rows, plus the rows of an earlier CSV whose group (op, shape, dtype, device:
+    every provider of one measurement) this run did not measure, so that `run.py -k <op>` or
+    `-k "<op> and 512"` refreshes those numbers and keeps the others. Ratios are never mixed
+    across runs: a group is replaced whole."""
     if not path.exists():
         return rows
-    measured = {r["op"] for r in rows}
+    group = lambda r: (r["op"], r["shape"], r["dtype"], r["device"])  # noqa: E731
+    measured = {group(r) for r in rows}
     with open(path, newline="") as f:
-        old = [r for r in csv.DictReader(f) if r["op"] not in measured]
+        old = [r for r in csv.DictReader(f) if group(r) not in measured]
     for r in old:
         for c in COLUMNS[5:-1]:
             r[c] = float(r[c]) if r[c] else None
