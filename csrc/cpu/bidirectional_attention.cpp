@@ -292,7 +292,8 @@ void forward_kernel(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor
         const float* Or = O.data() + r * Dp;
         T* dst = out.row(b, h, m0 + r);
         for (int64_t d = 0; d < s.D; ++d) dst[d] = static_cast<T>(Or[d] * inv);
-        lse[(b * s.Hq + h) * s.Lq + m0 + r] = l[r] > 0.f ? (m[r] + std::log2(l[r])) * kLn2 : kInf;
+        const float lse_bits = m[r] + std::log2(l[r]);  // back to nats below
+        lse[(b * s.Hq + h) * s.Lq + m0 + r] = l[r] > 0.f ? lse_bits * kLn2 : kInf;
       }
     }
   });
@@ -341,9 +342,9 @@ void backward_kernel(const at::Tensor& dout_, const at::Tensor& q_, const at::Te
   const int64_t want = std::min(k_tiles, (at::get_num_threads() + heads - 1) / heads);
   const int64_t chunk_tiles = (k_tiles + want - 1) / want;
   const int64_t C = (k_tiles + chunk_tiles - 1) / chunk_tiles, chunk_keys = chunk_tiles * kBN;
-  // dq_part[c, b, h, i, :] (fp32), only when C > 1.
-  const at::Tensor dq_part = C > 1 ? at::empty({C, s.B * s.Hq * s.Lq, Dp}, q_.options().dtype(at::kFloat))
-                                   : at::Tensor();
+  // Partial dQs, dq_part[c, (b * Hq + h) * Lq + i, :] in fp32, only when C > 1.
+  at::Tensor dq_part;
+  if (C > 1) dq_part = at::empty({C, s.B * s.Hq * s.Lq, Dp}, q_.options().dtype(at::kFloat));
   float* part = C > 1 ? dq_part.data_ptr<float>() : nullptr;
 
   at::parallel_for(0, heads * C, 1, [&](int64_t begin, int64_t end) {
