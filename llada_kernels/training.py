@@ -57,7 +57,11 @@ def forward_process(input_ids, *, eps=EPS, mask_id=MASK_ID, prompt_lengths=None,
             noisy == mask_id, which differs only where the clean prompt holds mask_id.)
         p_mask: [B, L] float32, each position's mask probability.
     """
-    op = "forward_process"
+    return _noise("forward_process", input_ids, eps, mask_id, prompt_lengths, generator)
+
+
+def _noise(op, input_ids, eps, mask_id, prompt_lengths, generator):
+    """forward_process, its errors named after `op`, the function the user called."""
     _check_ids(op, input_ids)
     B, L = input_ids.shape
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps <= 1:
@@ -211,8 +215,8 @@ def pretrain_loss(model, input_ids, *, mask_id=None, eps=EPS, generator=None, ba
     batches). mask_id: default the model's config.mask_token_id. Returns a scalar fp32 tensor
     with autograd to the model.
     """
-    noisy, masked, p_mask = forward_process(input_ids, eps=eps, mask_id=_mask_id(model, mask_id),
-                                            generator=generator)
+    op = "pretrain_loss"
+    noisy, masked, p_mask = _noise(op, input_ids, eps, _mask_id(op, model, mask_id), None, generator)
     B, L = input_ids.shape
     return _masked_rows_loss(model, noisy, input_ids, masked, p_mask, backend) / (B * L)
 
@@ -224,8 +228,9 @@ def sft_loss(model, input_ids, prompt_lengths, *, mask_id=None, eps=EPS, generat
 
     input_ids [B, L] int64, prompt_lengths [B] integer, each in [0, L).
     """
-    noisy, masked, p_mask = forward_process(input_ids, eps=eps, mask_id=_mask_id(model, mask_id),
-                                            prompt_lengths=prompt_lengths, generator=generator)
+    op = "sft_loss"
+    noisy, masked, p_mask = _noise(op, input_ids, eps, _mask_id(op, model, mask_id), prompt_lengths,
+                                   generator)
     B, L = input_ids.shape
     divisor = _sft_divisor(p_mask, prompt_lengths, L)
     return _masked_rows_loss(model, noisy, input_ids, masked, divisor, backend) / B
@@ -255,7 +260,7 @@ def mc_batch_loss(model, seq, is_mask, ratio, prompt_length, *, cfg_scale=0.0, m
     callable mapping ids [b, L] to logits [b, L, V] (or to an object with .logits) gets the
     reference's computation on its logits.
     """
-    mask_id = _mask_id(model, mask_id)
+    mask_id = _mask_id("mc_batch_loss", model, mask_id)
     b = seq.shape[0]
     x = torch.where(is_mask, mask_id, seq)
     if cfg_scale > 0:
@@ -310,7 +315,7 @@ def log_likelihood(model, prompt, answer, mc_num=128, batch_size=16, cfg_scale=0
         _checks.fail(op, f"cfg_scale must be a finite float >= 0; got {cfg_scale!r}")
     device = getattr(model, "device", prompt.device)
     seq = torch.cat([prompt, answer]).to(device)[None].expand(batch_size, -1)
-    mask_id = _mask_id(model, mask_id)
+    mask_id = _mask_id(op, model, mask_id)
     total = torch.zeros((), device=device)
     for _ in range(mc_num // batch_size):
         _, is_mask, ratio = mc_forward_process(seq, len(prompt), mask_id=mask_id, generator=generator)
@@ -324,7 +329,7 @@ get_log_likelihood = log_likelihood  # the name in LLaDA's get_log_likelihood.py
 
 # ---- checks ------------------------------------------------------------------------------------
 
-def _mask_id(model, mask_id):
+def _mask_id(op, model, mask_id):
     """mask_id, else the model's config.mask_token_id, else LLaDA's; checked against the
     model's vocabulary where its config gives one."""
     config = getattr(model, "config", None)
@@ -332,10 +337,10 @@ def _mask_id(model, mask_id):
         mask_id = getattr(config, "mask_token_id", None)
         mask_id = MASK_ID if mask_id is None else mask_id
     if isinstance(mask_id, bool) or not isinstance(mask_id, int):
-        raise TypeError(f"mask_id must be an int; got {mask_id!r}")
+        _checks.fail(op, f"mask_id must be an int; got {mask_id!r}", TypeError)
     rows = getattr(config, "embedding_size", None) or getattr(config, "vocab_size", None)
     if mask_id < 0 or (rows is not None and mask_id >= rows):
-        raise ValueError(f"mask_id ({mask_id}) is outside the model's vocabulary [0, {rows})")
+        _checks.fail(op, f"mask_id ({mask_id}) is outside the model's vocabulary [0, {rows})")
     return mask_id
 
 
@@ -348,7 +353,8 @@ def _check_prompt_lengths(op, prompt_lengths, B, L):
     SFT loss divides by L - prompt_length)."""
     if not isinstance(prompt_lengths, torch.Tensor) or prompt_lengths.dtype == torch.bool \
             or prompt_lengths.dtype.is_floating_point or prompt_lengths.dtype.is_complex:
-        got = prompt_lengths.dtype if isinstance(prompt_lengths, torch.Tensor) else type(prompt_lengths).__name__
+        got = (prompt_lengths.dtype if isinstance(prompt_lengths, torch.Tensor)
+               else type(prompt_lengths).__name__)
         _checks.fail(op, f"prompt_lengths must be a [B] integer tensor; got {got}", TypeError)
     if tuple(prompt_lengths.shape) != (B,):
         _checks.fail(op, f"prompt_lengths must have shape [B] = [{B}]; got {list(prompt_lengths.shape)}")

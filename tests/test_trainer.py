@@ -397,7 +397,7 @@ def test_sft_prompt_as_long_as_the_sequence_blames_prompt_lengths():
     model = tiny_model()
     ids, _ = padded_ids(B=3, L=10)
     for bad in (torch.tensor([3, 10, 2]), torch.tensor([3, -1, 2])):
-        with pytest.raises(ValueError, match=r"prompt_lengths\[1\] = -?1?0? must be in \[0, L\) = \[0, 10\)"):
+        with pytest.raises(ValueError, match=r"sft_loss: prompt_lengths\[1\] = -?1?0? must be in \[0, L\) = \[0, 10\)"):
             training.sft_loss(model, ids, bad)
         with pytest.raises(ValueError, match=r"llada_sft_loss: prompt_lengths\[1\]"):
             training.llada_sft_loss(torch.randn(3, 10, V), ids, torch.ones(3, 10, dtype=torch.bool),
@@ -421,8 +421,10 @@ def test_wrong_prompt_lengths_are_named(bad, exc, match):
 @pytest.mark.parametrize("eps", [float("nan"), 0.0, -0.1, 1.5, float("inf"), "0.1"])
 def test_pretrain_loss_refuses_bad_eps(eps):
     ids, _ = padded_ids()
-    with pytest.raises(ValueError, match=r"forward_process: eps must be a float in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"pretrain_loss: eps must be a float in \(0, 1\]"):
         training.pretrain_loss(tiny_model(), ids, eps=eps)
+    with pytest.raises(ValueError, match=r"forward_process: eps must be a float in \(0, 1\]"):
+        training.forward_process(ids, eps=eps)
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -443,7 +445,7 @@ def test_log_likelihood_bad_arguments(kw, match):
 
 def test_mask_id_outside_the_vocabulary_is_named():
     ids, _ = padded_ids()
-    with pytest.raises(ValueError, match=r"mask_id \(40\) is outside the model's vocabulary \[0, 40\)"):
+    with pytest.raises(ValueError, match=r"pretrain_loss: mask_id \(40\) is outside the model's vocabulary \[0, 40\)"):
         training.pretrain_loss(tiny_model(), ids, mask_id=V)
 
 
