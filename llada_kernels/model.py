@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ._checks import values_checked
-from .ops.attention import bidirectional_attention
+from .ops.attention import attention
 
 # Released config fields that name an architecture choice, with the one value this model
 # implements. A config asking for anything else is refused rather than silently misread.
@@ -220,7 +220,7 @@ class LLaDABlock(nn.Module):
         Lq = x.shape[1]
         q = self.q_proj(n).view(B, Lq, self.n_heads, self.head_dim).transpose(1, 2)   # [B, H, Lq, Dh]
         q = apply_rope(q, cos, sin)
-        a = bidirectional_attention(q, k, v, key_mask, backend=backend)                   # [B, H, Lq, Dh]
+        a = attention(q, k, v, key_padding_mask=key_mask, backend=backend)               # [B, H, Lq, Dh]
         a = a.transpose(1, 2).reshape(B, Lq, D)
         if rows is not None and not isinstance(rows, slice) and rows.dtype == torch.bool:
             x, a = x[rows], a[rows]                                                     # [N, D]

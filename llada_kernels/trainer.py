@@ -5,7 +5,7 @@ materialised and the lm_head runs only on masked rows.
     loss = pretrain_loss(model, input_ids)                  # GUIDELINES.md pre-training
     loss = sft_loss(model, input_ids, prompt_lengths)       # GUIDELINES.md SFT
     ll = log_likelihood(model, prompt, answer)              # get_log_likelihood.py
-    patch_llada(released_model)                              # attention -> bidirectional_attention
+    patch_llada(released_model)                              # attention -> llada_kernels.attention
 
 `model` is an LLaDAModel, or a model built by the released `modeling_llada.py` (loaded with
 `trust_remote_code`): both give hidden states after ln_f and the lm_head weight (see
@@ -192,7 +192,7 @@ def log_likelihood(model, prompt, answer, mc_num=128, batch_size=16, cfg_scale=0
 # ---- the released model ------------------------------------------------------------------------
 
 def patch_llada(model, *, backend=None):
-    """Run a released LLaDA model's attention on `bidirectional_attention`. In place; returns
+    """Run a released LLaDA model's attention on `llada_kernels.attention`. In place; returns
     the model.
 
     Every block of a model built by LLaDA's `modeling_llada.py` computes attention in
@@ -228,7 +228,7 @@ def _patched_sdpa(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False)
     if is_causal or (dropout_p > 0 and self.training) or key_mask is False:
         return self._llada_original_sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                          is_causal=is_causal)
-    return ops.attention.bidirectional_attention(q, k, v, key_mask, backend=self._llada_backend)
+    return ops.attention.attention(q, k, v, key_padding_mask=key_mask, backend=self._llada_backend)
 
 
 def _key_padding_mask(attn_mask, B, Lk):
