@@ -135,8 +135,10 @@ def max_err(a, b):
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
-def check_backend(backend, device, shape, kind, dtype, seed=0, layout="contiguous", mask=None):
-    """backend's forward and gradients against fp64 SDPA with the dense mask (2x rule)."""
+def check_backend(backend, device, shape, kind, dtype, seed=0, layout="contiguous", mask=None,
+                  truth_device="cpu"):
+    """backend's forward and gradients against fp64 SDPA with the dense mask (2x rule); the
+    truth and eager's error are computed on truth_device."""
     B, Hq, Hkv, Lq, Lk, D = shape
     gen = torch.Generator().manual_seed(seed)
     q, k, v = make_qkv(B, Hq, Hkv, Lq, Lk, D, dtype, "cpu", gen, layout)
@@ -145,9 +147,12 @@ def check_backend(backend, device, shape, kind, dtype, seed=0, layout="contiguou
     grad = torch.randn(B, Hq, Lq, D, generator=gen).to(dtype)
     dense = None if mask is None else mask.to_dense().expand(B, -1, -1)
 
-    truth = grads(lambda a, b, c: sdpa_truth(a, b, c, dense), q.double(), k.double(), v.double(),
-                  grad.double())
-    eager = grads(lambda a, b, c: ref.attention(a, b, c, dense), q, k, v, grad)
+    on = (lambda *ts: [t.to(truth_device) for t in ts])
+    dense_t = None if dense is None else dense.to(truth_device)
+    truth = grads(lambda a, b, c: sdpa_truth(a, b, c, dense_t), *on(q.double(), k.double(),
+                                                                   v.double(), grad.double()))
+    eager = grads(lambda a, b, c: ref.attention(a, b, c, dense_t), *on(q, k, v, grad))
+    truth, eager = [t.cpu() for t in truth], [t.cpu() for t in eager]
     dev_mask = None if mask is None else mask.to(device)
     got = grads(lambda a, b, c: lk.attention(a, b, c, dev_mask, backend=backend),
                 q.to(device), k.to(device), v.to(device), grad.to(device))
