@@ -89,7 +89,6 @@ TORCH_LIBRARY(llada, m) {
   "(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale) "                    \
   "-> (Tensor out, Tensor lse)"
   m.def("bidirectional_attention_fwd" BIDIRECTIONAL_ATTENTION_FWD_SCHEMA);
-  m.def("bidirectional_attention_fwd_triton" BIDIRECTIONAL_ATTENTION_FWD_SCHEMA);
 #undef BIDIRECTIONAL_ATTENTION_FWD_SCHEMA
 
   // Its backward, recomputing the probabilities from lse (the forward's outputs).
@@ -101,8 +100,39 @@ TORCH_LIBRARY(llada, m) {
   "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor out, "    \
   "Tensor lse, float scale) -> (Tensor dq, Tensor dk, Tensor dv)"
   m.def("bidirectional_attention_bwd" BIDIRECTIONAL_ATTENTION_BWD_SCHEMA);
-  m.def("bidirectional_attention_bwd_triton" BIDIRECTIONAL_ATTENTION_BWD_SCHEMA);
 #undef BIDIRECTIONAL_ATTENTION_BWD_SCHEMA
+
+  // Attention with a structured mask (bidirectional, key padding, block-causal, packed
+  // documents, the 2L block-diffusion mask), described by O(L) int32 vectors:
+  //   q                 [B, Hq, Lq, D]  fp32 (CPU only) / bf16 / fp16, unit stride along D
+  //   k, v              [B, Hkv, Lk, D] same dtype, unit stride along D; Hq % Hkv == 0, and
+  //                     query head h reads KV head h / (Hq / Hkv)
+  //   q_mask            [B, 2, Lq] int32 contiguous (doc, level) per query, or None
+  //   k_mask            [B, 3, Lk] int32 contiguous (doc, lo, hi) per key, or None
+  //                     query i sees key j iff doc_q(i) == doc_k(j) and lo(j) <= level(i) <= hi(j);
+  //                     both None: every key is seen. Built by llada_kernels/masks.py.
+  //   scale             the softmax scale
+  // Returns out [B, Hq, Lq, D] (q's dtype, contiguous) and lse [B, Hq, Lq] fp32, the natural
+  // log-sum-exp of each row's scaled, visible scores. A row that sees no key has out = 0 and
+  // lse = +inf, so that the backward's exp(s - lse) is 0 there.
+#define ATTENTION_FWD_SCHEMA                                                                  \
+  "(Tensor q, Tensor k, Tensor v, Tensor? q_mask, Tensor? k_mask, float scale) "              \
+  "-> (Tensor out, Tensor lse)"
+  m.def("attention_fwd" ATTENTION_FWD_SCHEMA);
+  m.def("attention_fwd_triton" ATTENTION_FWD_SCHEMA);
+#undef ATTENTION_FWD_SCHEMA
+
+  // Its backward, recomputing the probabilities from lse (the forward's outputs).
+  //   grad_out  [B, Hq, Lq, D], unit stride along D; out [B, Hq, Lq, D]; lse [B, Hq, Lq] fp32
+  //   q, k, v, q_mask, k_mask, scale as in the forward
+  // Returns dq [B, Hq, Lq, D] and dk, dv [B, Hkv, Lk, D] (summed over each group's query
+  // heads), contiguous, in q's dtype. Tiles the mask removes are never computed.
+#define ATTENTION_BWD_SCHEMA                                                                  \
+  "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? q_mask, Tensor? k_mask, "          \
+  "Tensor out, Tensor lse, float scale) -> (Tensor dq, Tensor dk, Tensor dv)"
+  m.def("attention_bwd" ATTENTION_BWD_SCHEMA);
+  m.def("attention_bwd_triton" ATTENTION_BWD_SCHEMA);
+#undef ATTENTION_BWD_SCHEMA
 
   // Test hook for the noise contract shared by every backend (csrc/common/random.h):
   // maps raw 64-bit Philox words [N] int64 to standard Gumbel noise [N] fp32.

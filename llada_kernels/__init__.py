@@ -13,7 +13,8 @@ except ImportError as e:  # a source checkout that was never built
 
 from .ops.remask import remask_step  # noqa: E402
 from .ops.loss import fused_linear_masked_diffusion_loss, masked_diffusion_loss  # noqa: E402
-from .ops.attention import bidirectional_attention  # noqa: E402
+from .ops.attention import attention, bidirectional_attention  # noqa: E402
+from . import masks  # noqa: E402
 
 if _backend._C_ERROR is None:
     from .ops import remask as _remask
@@ -32,5 +33,6 @@ if _backend._C_ERROR is None:
 from ._backend import BackendUnavailable, available_backends  # noqa: E402
 
 __all__ = ["remask_step", "masked_diffusion_loss", "fused_linear_masked_diffusion_loss",
-           "bidirectional_attention", "available_backends", "BackendUnavailable"]
+           "attention", "masks", "bidirectional_attention", "available_backends",
+           "BackendUnavailable"]
 __version__ = "0.1.0"
