@@ -162,13 +162,23 @@ def key_padding(key_padding_mask: torch.Tensor, q_len: int | None = None) -> Att
     """
     op = "masks.key_padding"
     _check_key_padding(op, key_padding_mask, None, None, None)
-    B, Lk = key_padding_mask.shape
+    Lk = key_padding_mask.shape[1]
     Lq = Lk if q_len is None else _check_len(op, "q_len", q_len)
-    device = key_padding_mask.device
-    q_mask = torch.zeros(B, 2, Lq, dtype=torch.int32, device=device)
-    zeros = torch.zeros(B, Lk, dtype=torch.int32, device=device)
-    k_mask = _k_mask(zeros, zeros, torch.full_like(zeros, INF), key_padding_mask)
+    q_mask, k_mask = key_padding_tensors(key_padding_mask, Lq)
     return AttentionMask(q_mask, k_mask, "key_padding", key_padding_mask)
+
+
+def key_padding_tensors(key_padding_mask: torch.Tensor, q_len: int):
+    """(q_mask [B, 2, Lq], k_mask [B, 3, Lk]) of key padding alone, unchecked: what
+    key_padding() holds, in a few kernel launches (attention's key_padding_mask= path)."""
+    B, Lk = key_padding_mask.shape
+    device = key_padding_mask.device
+    q_mask = torch.zeros(B, 2, q_len, dtype=torch.int32, device=device)
+    k_mask = torch.zeros(B, 3, Lk, dtype=torch.int32, device=device)
+    pad = ~key_padding_mask
+    k_mask[:, 1].masked_fill_(pad, _NEVER[0])
+    k_mask[:, 2].fill_(INF).masked_fill_(pad, _NEVER[1])
+    return q_mask, k_mask
 
 
 def documents(*, cu_seqlens: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,

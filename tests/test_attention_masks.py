@@ -501,9 +501,9 @@ KERNEL_CASES = [
     (1, 4, 1, 133, 133, 16, "block_causal_b32"),
     (2, 2, 1, 133, 133, 16, "block_causal_b37"),
     (3, 2, 1, 9, 77, 16, "kv_cache"),
-    (4, 2, 2, 70, 70, 16, "documents_cu"),
+    (4, 2, 1, 70, 70, 16, "documents_cu"),
     (2, 2, 1, 66, 66, 16, "documents_unsorted"),
-    (4, 4, 2, 99, 99, 16, "block_causal_docs"),
+    (4, 2, 1, 80, 80, 16, "block_causal_docs"),
     (3, 2, 1, 90, 90, 16, "block_diffusion"),
     (2, 2, 1, 70, 70, 16, "empty_rows"),
     (2, 2, 1, 20, 70, 16, "key_padding"),
@@ -619,24 +619,27 @@ def test_cpu_backend_without_the_kernel_says_so():
 
 
 @pytest.mark.parametrize("backend", ["reference",
-                                     pytest.param("cpu", marks=needs_cpu)])
+                                     pytest.param("cpu", marks=needs_cpu),
+                                     pytest.param("triton", marks=[pytest.mark.triton, needs_triton])])
 def test_torch_compile_fullgraph(backend):
     """The mask built inside the compiled function from keywords, and a prebuilt mask passed
-    in: one graph each, same values and gradients as eager."""
+    in: one graph, same values and gradients as eager."""
     gen = torch.Generator().manual_seed(11)
-    q, k, v = make_qkv(2, 4, 2, 9, 24, 16, torch.float32, "cpu", gen)
-    ids = make_document_ids(2, 24, gen)
+    dtype = torch.bfloat16 if backend == "triton" else torch.float32
+    q, k, v = make_qkv(2, 4, 2, 9, 24, 16, dtype, _triton_device() if backend == "triton"
+                       else "cpu", gen)
+    ids = make_document_ids(2, 24, gen).to(q.device)
     prebuilt = masks.block_diffusion(4, 12, document_ids=ids[:, :12])
 
     def loss(q, k, v, ids):
         a = lk.attention(q, k, v, block_size=4, document_ids=ids, backend=backend)
         b = lk.attention(k.repeat_interleave(2, 1), k, v, prebuilt, backend=backend)
-        return (a ** 2).sum() + (b ** 2).sum()
+        return (a.float() ** 2).sum() + (b.float() ** 2).sum()
 
     compiled = torch.compile(loss, fullgraph=True, backend="inductor")
     args = [x.clone().requires_grad_() for x in (q, k, v)]
     args_eager = [x.clone().requires_grad_() for x in (q, k, v)]
     compiled(*args, ids).backward()
     loss(*args_eager, ids).backward()
-    for a, b in zip(args, args_eager):
-        torch.testing.assert_close(a.grad, b.grad)
+    for a, b in zip(args, args_eager):  # bf16: the graph may sum k's two gradients in fp32
+        torch.testing.assert_close(a.grad, b.grad, **({"atol": 1e-2, "rtol": 2e-2} if backend == "triton" else {}))

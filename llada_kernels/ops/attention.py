@@ -83,6 +83,8 @@ def attention(
         out: [B, Hq, Lq, D], q's dtype, contiguous. Accumulation is in fp32.
     """
     B, Hq, Lq, D, Hkv, Lk = _check(q, k, v)
+    # An AttentionMask, None (every key), or the [B, Lk] key padding alone (the common case
+    # of LLaDA 1, kept as a tensor: no description is built unless a kernel needs one).
     mask = _mask(mask, B, Lq, Lk, q.device, key_padding_mask, block_size, q_offset, q_positions,
                  cu_seqlens, document_ids)
     name = _resolve(backend, q.device)
@@ -90,7 +92,9 @@ def attention(
     if not math.isfinite(scale):
         _checks.fail(OP, f"scale must be finite; got {scale}")
     if name == "reference":
-        return reference.attention(q, k, v, None if mask is None else mask.to_dense(), scale)
+        dense = mask[:, None, :].expand(B, Lq, Lk) if isinstance(mask, torch.Tensor) \
+            else None if mask is None else mask.to_dense()
+        return reference.attention(q, k, v, dense, scale)
 
     dtypes, head_dims = SUPPORTED[name]
     _checks.check_in(OP, "q.dtype", q.dtype, dtypes, f" on the {name} backend")
@@ -98,7 +102,10 @@ def attention(
     q, k, v = _checks.unit_stride(q), _checks.unit_stride(k), _checks.unit_stride(v)
     if name == "cpu" and not _backend.has_kernel(KERNEL, "CPU"):
         return _old_cpu_kernel(q, k, v, mask, B, scale)
-    q_mask, k_mask = (None, None) if mask is None else mask.tensors(B)
+    if isinstance(mask, torch.Tensor):
+        q_mask, k_mask = masks.key_padding_tensors(mask, Lq)
+    else:
+        q_mask, k_mask = (None, None) if mask is None else mask.tensors(B)
     fwd = torch.ops.llada.attention_fwd_triton if name == "triton" else torch.ops.llada.attention_fwd
     out, _ = fwd(q, k, v, q_mask, k_mask, scale)
     return out
@@ -137,7 +144,8 @@ def _check(q, k, v):
 
 def _mask(mask, B, Lq, Lk, device, key_padding_mask, block_size, q_offset, q_positions,
           cu_seqlens, document_ids):
-    """The AttentionMask of this call (None: every key), checked against q and k."""
+    """The AttentionMask of this call, checked against q and k; None (every key); or
+    key_padding_mask itself when it is the whole mask."""
     if key_padding_mask is not None:
         _checks.check_tensor(OP, "key_padding_mask", key_padding_mask, dtypes=(torch.bool,), ndim=2)
         _checks.check_shape(OP, "key_padding_mask", key_padding_mask, (B, Lk))
@@ -168,7 +176,7 @@ def _mask(mask, B, Lq, Lk, device, key_padding_mask, block_size, q_offset, q_pos
         _checks.fail(OP, f"{given[0]} places queries for a block-causal or document mask; give "
                      "block_size, cu_seqlens or document_ids with it")
     elif key_padding_mask is not None:
-        return masks.key_padding(key_padding_mask, Lq)
+        return key_padding_mask
     if mask is None:
         return None
     if key_padding_mask is not None:
@@ -193,12 +201,13 @@ def _resolve(backend, device):
 def _old_cpu_kernel(q, k, v, mask, B, scale):
     """Key padding (or nothing) on the former C++ CPU kernel, while this build has no CPU
     kernel for llada::attention_fwd."""
-    if mask is not None and mask.kind != "key_padding":
+    if isinstance(mask, masks.AttentionMask) and mask.kind != "key_padding":
         raise _backend.BackendUnavailable(
             f"{OP}: backend 'cpu' cannot run a {mask.kind} mask: this build's C++ CPU kernel "
             "takes key padding only (the CPU kernel for structured masks, llada::attention_fwd, "
             "is not built); use backend='reference', or 'triton' with TRITON_INTERPRET=1")
-    kpm = None if mask is None else mask.key_padding_mask.expand(B, -1).contiguous()
+    kpm = mask.key_padding_mask if isinstance(mask, masks.AttentionMask) else mask
+    kpm = None if kpm is None else kpm.expand(B, -1).contiguous()
     out, _ = torch.ops.llada.bidirectional_attention_fwd(q, k, v, kpm, scale)
     return out
 
