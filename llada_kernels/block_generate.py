@@ -112,6 +112,7 @@ def block_generate(model, prompt, attention_mask=None, *, gen_length=2048, block
     Host synchronisation: one per step (whether masks remain, edits happened, rows finished),
     as the references.
     """
+    _check_model(model)
     config = getattr(model, "config", None)
     mask_id = _id(mask_id, config, "mask_token_id", required=True)
     eos_id = _id(eos_id, config, "eos_token_id", required=stop_at_eos)
@@ -289,6 +290,16 @@ def _fail(msg, exc=ValueError):
     raise exc(f"block_generate: {msg}")
 
 
+def _check_model(model):
+    fast = hasattr(model, "hidden_states") and hasattr(model, "lm_head")
+    if fast and getattr(model.config, "block_size", None) is None:
+        _fail("the model is not in block-diffusion mode (config.block_size is None); use "
+              "llada_kernels.generate.generate for LLaDA 1, or set config.block_size")
+    if not fast and not getattr(model, "_llada2_patched", False):
+        _fail(f"model must be an LLaDAModel in block mode or a model patched by "
+              f"llada_kernels.patch.patch_llada2; got {type(model).__name__}", TypeError)
+
+
 def _check(model, prompt, attention_mask, gen_length, block_length, steps, temperature,
            threshold, editing_threshold, max_post_steps, minimal_topk, mask_id, cache):
     """Argument checks; returns the block length."""
@@ -300,12 +311,6 @@ def _check(model, prompt, attention_mask, gen_length, block_length, steps, tempe
     config = getattr(model, "config", None)
     model_block = getattr(config, "block_size", None)
     fast = hasattr(model, "hidden_states") and hasattr(model, "lm_head")
-    if fast and model_block is None:
-        _fail("the model is not in block-diffusion mode (config.block_size is None); use "
-              "llada_kernels.generate.generate for LLaDA 1, or set config.block_size")
-    if not fast and not getattr(model, "_llada2_patched", False):
-        _fail(f"model must be an LLaDAModel in block mode or a model patched by "
-              f"llada_kernels.patch.patch_llada2; got {type(model).__name__}", TypeError)
     b = model_block if block_length is None else block_length
     for name, v in (("gen_length", gen_length), ("block_length", b), ("max_post_steps", max_post_steps),
                     ("minimal_topk", minimal_topk)) + ((("steps", steps),) if steps is not None else ()):
