@@ -78,6 +78,11 @@ PLANTED = {  # kind: (what the kernel does, the error it must raise or None)
     10: ("a shuffle from an exited lane", r"reads lane 31, which does not take part"),
     11: ("past the dynamic shared memory", r"out-of-bounds shared-memory access"),
     12: ("__trap()", r"__trap\(\)"),
+    14: ("two blocks store to one global word", r"global-memory race \(write after write\).*not ordered"),
+    15: ("a global load after another thread's store", r"global-memory race \(read after write|write after read\)"),
+    16: ("the same with a barrier", None),
+    17: ("global atomics from two blocks", None),
+    18: ("a plain load among other blocks' atomics", r"global-memory race \((read after atomics|atomic)"),
 }
 
 
@@ -85,23 +90,25 @@ PLANTED = {  # kind: (what the kernel does, the error it must raise or None)
 @pytest.mark.parametrize("kind", list(PLANTED), ids=lambda k: PLANTED[k][0].replace(" ", "_"))
 def test_planted_kernel(kind, order, preempt):
     _, error = PLANTED[kind]
+    blocks = 2 if kind >= 14 else 1
     if error is None:
-        out = under(order, preempt, T.planted, kind, 64, 256)
+        out = under(order, preempt, T.planted, kind, blocks, 64, 256)
         want = {0: torch.arange(1, 65) % 64, 4: torch.full((64,), 64),
-                6: torch.tensor([42] * 32 + [0] * 32)}[kind]
+                6: torch.tensor([42] * 32 + [0] * 32), 16: torch.tensor([0, 5, 5] + [0] * 61),
+                17: torch.tensor([128] + [0] * 63)}[kind]
         assert torch.equal(out, want.int())
     else:
         with pytest.raises(RuntimeError, match=error):
-            under(order, preempt, T.planted, kind, 64, 256)
+            under(order, preempt, T.planted, kind, blocks, 64, 256)
 
 
 def test_the_orders_differ():
     """Tickets from a shared atomic counter record the order the threads ran in."""
-    fwd = under("forward", 0.0, T.planted, 13, 64, 0)
-    rev = under("reverse", 0.0, T.planted, 13, 64, 0)
+    fwd = under("forward", 0.0, T.planted, 13, 1, 64, 0)
+    rev = under("reverse", 0.0, T.planted, 13, 1, 64, 0)
     assert fwd.tolist() == list(range(64)) and rev.tolist() == list(range(63, -1, -1))
     before = stats()["preemptions"]
-    shuffled = [under("random", 0.2, T.planted, 13, 64, 0, seed=s) for s in (1, 2)]
+    shuffled = [under("random", 0.2, T.planted, 13, 1, 64, 0, seed=s) for s in (1, 2)]
     assert sorted(shuffled[0].tolist()) == list(range(64)) and not torch.equal(shuffled[0], shuffled[1])
     assert shuffled[0].tolist() not in (fwd.tolist(), rev.tolist())
     assert stats()["preemptions"] > before
@@ -109,10 +116,10 @@ def test_the_orders_differ():
 
 def test_invalid_launches_fail_as_on_a_gpu():
     with pytest.raises(RuntimeError, match="invalid configuration argument"):
-        T.planted(0, 2048, 0)  # more than 1024 threads per block
+        T.planted(0, 1, 2048, 0)  # more than 1024 threads per block
     with pytest.raises(RuntimeError, match="invalid argument"):
-        T.planted(0, 64, 64 << 10)  # > 48 KiB of dynamic shared memory without the attribute
-    assert T.planted(0, 64, 0).shape == (64,)  # and the error state is cleared
+        T.planted(0, 1, 64, 64 << 10)  # > 48 KiB of dynamic shared memory without the attribute
+    assert T.planted(0, 1, 64, 0).shape == (64,)  # and the error state is cleared
 
 
 # ---- mma.sync m16n8k16 through csrc/cuda/mma.cuh ------------------------------------------------
@@ -257,21 +264,28 @@ def _remask_case():
     remask.test_backend_matches_reference("cpu", torch.float32, "low_confidence", (2, 5, 4099))
 
 
-REAL_BARRIERS = [  # (file, the line before the barrier, a run of the kernel)
-    ("csrc/cuda/bidirectional_attention.cu", r"load_tile<T, D, kTile>\(Vs, v, n0, p\.Lk\);", _attention_case),
-    ("csrc/cuda/masked_diffusion_loss.cu", r"if \(lane == 0\) sm\[warp\] = ", _loss_case),
-    ("csrc/cuda/block_reduce.cuh", r"if \(lane == 0\) smem\[warp\] = v;", _remask_case),
-    ("csrc/cuda/remask_step.cu", r"if \(threadIdx\.x == 0\) s_count = 0;", _remask_case),
+def _fused_loss_case():
+    loss.test_fused_form("cpu", torch.float32, None, bias=False)
+
+
+SHARED, GLOBAL = r"shared-memory hazard", r"global-memory race"
+REAL_BARRIERS = [  # (file, the line at or before the barrier, a run of the kernel, the report)
+    ("csrc/cuda/bidirectional_attention.cu", r"load_tile<T, D, kTile>\(Vs, v, n0, p\.Lk\);", _attention_case, SHARED),
+    ("csrc/cuda/masked_diffusion_loss.cu", r"if \(lane == 0\) sm\[warp\] = ", _loss_case, SHARED),
+    ("csrc/cuda/masked_diffusion_loss.cu", r"x\[t\] is read above", _fused_loss_case, GLOBAL),
+    ("csrc/cuda/block_reduce.cuh", r"if \(lane == 0\) smem\[warp\] = v;", _remask_case, SHARED),
+    ("csrc/cuda/remask_step.cu", r"if \(threadIdx\.x == 0\) s_count = 0;", _remask_case, SHARED),
 ]
 
 
-@pytest.mark.parametrize("path, after, case", REAL_BARRIERS, ids=[Path(p).name for p, _, _ in REAL_BARRIERS])
-def test_removed_barrier_in_a_real_kernel_is_reported(path, after, case):
+@pytest.mark.parametrize("path, after, case, report", REAL_BARRIERS,
+                         ids=[f"{Path(p).name}-{c.__name__[1:]}" for p, _, c, _ in REAL_BARRIERS])
+def test_removed_barrier_in_a_real_kernel_is_reported(path, after, case, report):
     with EmulatedCuda():
         case()  # as written, it passes
     line = _barrier_line(path, after)
     plant("drop_barrier", path, line)
-    with pytest.raises(RuntimeError, match=r"shared-memory hazard"), EmulatedCuda():
+    with pytest.raises(RuntimeError, match=report), EmulatedCuda():
         case()
 
 

@@ -34,6 +34,26 @@ Shadow* g_shadow = nullptr;
 unsigned char* g_arena_ptr = nullptr;
 size_t g_poisoned = 0;  // the most shared memory any block has used: poisoned at block start
 
+enum GlobalFlags : uint8_t { kAtomic = 1, kAtomicBlocks = 2, kReadBlocks = 4, kReadThreads = 8 };
+enum class Access { kRead, kWrite, kAtomicRmw };
+
+struct GlobalByte {
+  uintptr_t key;
+  uint32_t gen;
+  uint32_t w_block, r_block;  // block index + 1, 0 for none
+  uint32_t w_epoch, r_epoch, w_sync, r_sync;
+  uint16_t w_thread, r_thread;
+  uint8_t flags;
+  int8_t r_warp;
+  const void* w_pc;
+  const void* r_pc;
+};
+
+std::vector<GlobalByte> g_global;
+int g_global_bits = 0;  // g_global has 2^g_global_bits slots
+size_t g_global_used = 0;
+uint32_t g_global_gen = 0;
+
 }  // namespace
 
 void init_arena() {
@@ -49,6 +69,15 @@ void start_block_memory() {
   g_block.statics.clear();
   g_block.static_bytes = 0;
   g_block.arena_end = 0;
+}
+
+void start_launch_memory() {
+  ++g_global_gen;  // every entry of the table is now free
+  g_global_used = 0;
+  if (g_global.empty()) {
+    g_global_bits = 16;
+    g_global.resize(size_t{1} << g_global_bits);
+  }
 }
 
 void check_shared_limits() {
@@ -148,12 +177,135 @@ void shared_access(size_t off, size_t n, bool write, const void* pc) {
   }
 }
 
+// ---- global memory: races within a launch --------------------------------------------------
+// Per byte the launch touches (an open-addressing table, emptied at each launch by a generation
+// number): the last plain write (block, thread, barrier epoch), whether atomics wrote it and from
+// more than one block, and its readers (the first block, whether other blocks read it too, and
+// within that block the readers of the latest epoch, as for shared memory). Threads of one block
+// are ordered by the barriers between them; two blocks are never ordered within a launch.
+
+size_t slot_of(uintptr_t key) { return (key * 0x9E3779B97F4A7C15ULL) >> (64 - g_global_bits); }
+
+GlobalByte& global_byte(uintptr_t key) {
+  if (2 * (g_global_used + 1) > g_global.size()) {  // grow, keeping this launch's entries
+    std::vector<GlobalByte> old(size_t{1} << (g_global_bits + 1));
+    old.swap(g_global);
+    ++g_global_bits;
+    const size_t mask = g_global.size() - 1;
+    for (const GlobalByte& e : old) {
+      if (e.gen != g_global_gen) continue;
+      size_t i = slot_of(e.key);
+      while (g_global[i].gen == g_global_gen) i = (i + 1) & mask;
+      g_global[i] = e;
+    }
+  }
+  const size_t mask = g_global.size() - 1;
+  for (size_t i = slot_of(key);; i = (i + 1) & mask) {
+    GlobalByte& e = g_global[i];
+    if (e.gen != g_global_gen) {  // empty, or left from an earlier launch
+      e = GlobalByte{};
+      e.key = key;
+      e.gen = g_global_gen;
+      ++g_global_used;
+      return e;
+    }
+    if (e.key == key) return e;
+  }
+}
+
+std::string block_text(uint32_t block1) {
+  const uint32_t id = block1 - 1;
+  return format("block (%u,%u,%u)", id % gridDim.x, (id / gridDim.x) % gridDim.y,
+                id / (gridDim.x * gridDim.y));
+}
+
+[[noreturn]] void race(const char* kind, uintptr_t a, size_t n, uintptr_t byte, Access access,
+                       const void* pc, const std::string& other, const void* other_pc, bool same_block) {
+  fail(format("global-memory race (%s): %s of %s %s %zu byte(s) at %p (%s) at %s, which %s at %s "
+              "%s", kind, thread_text(g.cur->linear).c_str(), block_text(g_block.id + 1).c_str(),
+              access == Access::kRead ? "reads" : access == Access::kWrite ? "writes" : "atomically updates",
+              n, reinterpret_cast<void*>(a), byte == a ? "the first conflicts"
+              : format("byte %zu conflicts", size_t(byte - a)).c_str(), pc_text(pc).c_str(),
+              other.c_str(), pc_text(other_pc).c_str(),
+              same_block ? "with no barrier between them" : "(blocks of a launch are not ordered)"));
+}
+
+void global_access(uintptr_t a, size_t n, Access access, const void* pc) {
+  const uint32_t B = g_block.id + 1, E = g.epoch;
+  const int t = g.cur->linear, w = t / kWarp;
+  const auto synced = [&](uint32_t at) { return g_warp_synced[w] > at; };
+  for (uintptr_t p = a; p < a + n; ++p) {
+    GlobalByte& e = global_byte(p);
+    if (e.w_block != 0 && (e.flags & kAtomic)) {  // atomics wrote it
+      if (access != Access::kAtomicRmw &&
+          ((e.flags & kAtomicBlocks) || e.w_block != B || e.w_epoch == E)) {
+        race(access == Access::kRead ? "read after atomics" : "write after atomics", a, n, p, access,
+             pc, (e.flags & kAtomicBlocks) ? "atomics of several blocks updated"
+             : format("atomics of %s updated", block_text(e.w_block).c_str()), e.w_pc,
+             e.w_block == B && !(e.flags & kAtomicBlocks));
+      }
+    } else if (e.w_block != 0) {  // a plain write
+      const bool other_thread = e.w_thread != t && !(e.w_thread / kWarp == w && synced(e.w_sync));
+      if (e.w_block != B || (e.w_epoch == E && other_thread)) {
+        race(access == Access::kRead ? "read after write" : "write after write", a, n, p, access, pc,
+             format("%s of %s wrote", thread_text(e.w_thread).c_str(), block_text(e.w_block).c_str()),
+             e.w_pc, e.w_block == B);
+      }
+    }
+    if (access != Access::kRead && e.r_block != 0) {
+      const bool others = (e.flags & kReadThreads) || e.r_thread != t;
+      if ((e.flags & kReadBlocks) || e.r_block != B ||
+          (e.r_epoch == E && others && !(e.r_warp == w && synced(e.r_sync)))) {
+        race("write after read", a, n, p, access, pc,
+             (e.flags & kReadBlocks) ? std::string("threads of several blocks read")
+             : format("%s of %s read", e.r_thread != t ? thread_text(e.r_thread).c_str() : "other threads",
+                      block_text(e.r_block).c_str()), e.r_pc,
+             e.r_block == B && !(e.flags & kReadBlocks));
+      }
+    }
+    switch (access) {
+      case Access::kRead:
+        if (e.r_block == 0 || (e.r_block == B && e.r_epoch != E)) {
+          e.r_block = B;
+          e.r_epoch = E;
+          e.r_thread = static_cast<uint16_t>(t);
+          e.r_warp = static_cast<int8_t>(w);
+          e.r_pc = pc;
+          e.flags &= ~kReadThreads;
+        } else if (e.r_block != B) {
+          e.flags |= kReadBlocks;
+        } else if (e.r_thread != t) {
+          e.flags |= kReadThreads;
+          if (e.r_warp != w) e.r_warp = -1;
+        }
+        e.r_sync = g.wsync;
+        break;
+      case Access::kWrite:
+        e.w_block = B;
+        e.w_thread = static_cast<uint16_t>(t);
+        e.w_epoch = E;
+        e.w_sync = g.wsync;
+        e.w_pc = pc;
+        e.flags &= ~(kAtomic | kAtomicBlocks);
+        break;
+      case Access::kAtomicRmw:
+        if ((e.flags & kAtomic) && e.w_block != B) e.flags |= kAtomicBlocks;
+        e.flags |= kAtomic;
+        e.w_block = B;
+        e.w_epoch = E;
+        e.w_pc = pc;
+        break;
+    }
+  }
+}
+
 inline void on_access(const void* p, size_t n, bool write, const void* pc) {
   if (!g.in_kernel || g.cur == nullptr) return;  // host code, or the scheduler
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
   if (a - g.arena < kArenaBytes) return shared_access(a - g.arena, n, write, pc);
   if (a - g.stacks < g.stacks_bytes) return;  // a thread's own stack
-  if (write) maybe_preempt();                 // global memory: only interleavings
+  if (write) maybe_preempt();
+  if (g_sched.hazards) global_access(a, n, write ? Access::kWrite : Access::kRead, pc);
 }
 
 }  // namespace
@@ -180,7 +332,11 @@ void* static_shared_slot(const void* key, size_t bytes, size_t align) {
 void atomic_access(const void* p, size_t n, void* pc) {
   if (!g.in_kernel || g.cur == nullptr) return;
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
-  if (a - g.arena >= kArenaBytes) return maybe_preempt();
+  if (a - g.arena >= kArenaBytes) {
+    maybe_preempt();
+    if (g_sched.hazards) global_access(a, n, Access::kAtomicRmw, pc);
+    return;
+  }
   const size_t off = a - g.arena;
   if (!in_bounds(off, n)) fail(format("out-of-bounds atomic on shared memory at offset %zu", off));
   maybe_preempt();

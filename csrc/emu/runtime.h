@@ -72,6 +72,7 @@ struct Launch {
 
 struct Block {
   int nthreads = 0;
+  uint32_t id = 0;  // linear index in the grid
   uint32_t start_epoch = 0;
   size_t static_bytes = 0;  // of static __shared__ variables, as a GPU would lay them out
   size_t arena_end = 0;     // here they follow the dynamic part, each after a red zone
@@ -115,6 +116,7 @@ void maybe_preempt();
 
 // memory.cpp
 void init_arena();
+void start_launch_memory();        // forgets the global-memory accesses of the last launch
 void start_block_memory();         // poisons the arena, forgets the static variables
 std::string shared_text(size_t off);
 void check_shared_limits();        // after a block: its shared memory within the GPU's limits

@@ -232,12 +232,32 @@ __global__ void planted_kernel(int kind, int* out) {
       __syncthreads();
       out[t] = atomicAdd(&s[0], 1);
       break;
+    // global memory (launched with two blocks)
+    case 14:  // two blocks store to one word
+      if (t == 0) out[0] = static_cast<int>(blockIdx.x);
+      break;
+    case 15:  // one thread stores, another loads, no barrier
+      if (blockIdx.x == 1 && t == 1) out[1] = 5;
+      if (blockIdx.x == 1 && t == 0) out[2] = out[1];
+      break;
+    case 16:  // the same with a barrier: fine
+      if (blockIdx.x == 1 && t == 1) out[1] = 5;
+      __syncthreads();
+      if (blockIdx.x == 1 && t == 0) out[2] = out[1];
+      break;
+    case 17:  // atomics from every block, read by none: fine
+      atomicAdd(&out[0], 1);
+      break;
+    case 18:  // a plain load of a counter that other blocks update atomically
+      atomicAdd(&out[0], 1);
+      if (blockIdx.x == 1 && t == 0) out[1] = out[0];
+      break;
   }
 }
 
-at::Tensor planted(int64_t kind, int64_t threads, int64_t smem) {
+at::Tensor planted(int64_t kind, int64_t blocks, int64_t threads, int64_t smem) {
   at::Tensor out = at::zeros({64}, at::dtype(at::kInt));
-  planted_kernel<<<1, static_cast<unsigned>(threads), static_cast<size_t>(smem)>>>(
+  planted_kernel<<<static_cast<unsigned>(blocks), static_cast<unsigned>(threads), static_cast<size_t>(smem)>>>(
       static_cast<int>(kind), out.data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -251,5 +271,5 @@ TORCH_LIBRARY(llada_emu_test, m) {
   m.def("gemm(Tensor a, Tensor b, int variant) -> Tensor", &llada_emu_test::gemm);
   m.def("convert(Tensor x) -> Tensor", &llada_emu_test::convert);
   m.def("warp_ops(Tensor x) -> Tensor", &llada_emu_test::warp_ops);
-  m.def("planted(int kind, int threads, int smem) -> Tensor", &llada_emu_test::planted);
+  m.def("planted(int kind, int blocks, int threads, int smem) -> Tensor", &llada_emu_test::planted);
 }

@@ -619,8 +619,9 @@ bool valid(const LaunchConfig& c) {
          c.grid.y <= 65535 && c.grid.z >= 1 && c.grid.z <= 65535;
 }
 
-void run_block(uint3 bid, std::vector<int>& order) {
-  blockIdx = bid;
+void run_block(uint32_t id, std::vector<int>& order) {
+  blockIdx = uint3{id % gridDim.x, (id / gridDim.x) % gridDim.y, id / (gridDim.x * gridDim.y)};
+  g_block.id = id;
   const int n = g_block.nthreads;
   ++g.epoch;
   g_block.start_epoch = g.epoch;
@@ -682,12 +683,12 @@ void run_kernel(const LaunchConfig& cfg, const void* kernel_id, void (*entry)(vo
     blocks[i] = static_cast<uint32_t>(g_sched.order == Schedule::kReverse ? nblocks - 1 - i : i);
   if (g_sched.order == Schedule::kRandom)
     for (uint64_t i = nblocks - 1; i > 0; --i) std::swap(blocks[i], blocks[next_random() % (i + 1)]);
+  start_launch_memory();
   g.in_kernel = true;
   g_error.clear();
   try {
     for (const uint32_t id : blocks) {
-      run_block(uint3{id % cfg.grid.x, (id / cfg.grid.x) % cfg.grid.y, id / (cfg.grid.x * cfg.grid.y)},
-                order);
+      run_block(id, order);
       ++g_stats.blocks;
       g_stats.threads += g_block.nthreads;
     }
