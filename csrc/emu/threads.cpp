@@ -250,17 +250,19 @@ namespace {
 
 bool try_complete(int base, Fiber& me);
 
+// Per warp: the lanes waiting at a warp collective, and the lanes that exited (or that a block
+// of fewer threads does not have).
+uint32_t g_waiting[kMaxThreads / kWarp], g_gone[kMaxThreads / kWarp];
+
 [[noreturn]] void fiber_main() {
   Fiber& f = *g.cur;
   g_launch.entry(g_launch.ctx);
   f.state = State::kExited;
-  // Exited lanes no longer take part in warp collectives: one may now be complete.
-  const int base = f.linear - f.linear % kWarp;
-  for (int i = base; i < std::min(base + kWarp, g_block.nthreads); ++i) {
-    if (g_fibers[i].state == State::kWarp) {
-      try_complete(base, g_fibers[i]);
-      break;
-    }
+  // Exited lanes no longer take part in warp collectives: some may now be complete.
+  const int w = f.linear / kWarp, base = w * kWarp;
+  g_gone[w] |= 1u << (f.linear % kWarp);
+  for (unsigned m = g_waiting[w]; m; m &= m - 1) {
+    if ((g_waiting[w] >> __builtin_ctz(m)) & 1) try_complete(base, g_fibers[base + __builtin_ctz(m)]);
   }
   switch_to_scheduler();
   __builtin_unreachable();
@@ -476,30 +478,24 @@ void compute(int base, unsigned mask, WarpOp op) {
 }
 
 // Completes the collective `me` waits at when every live lane of its mask has arrived.
+// Completes the collective `me` waits at once every live lane of its mask has arrived.
 bool try_complete(int base, Fiber& me) {
+  const int w = base / kWarp;
   const unsigned mask = me.mask;
-  bool any = false;
-  for (int l = 0; l < kWarp; ++l) {
-    if (!((mask >> l) & 1)) continue;
-    if (base + l >= g_block.nthreads) {
-      if (me.op == WarpOp::kMma) fail("mma.sync needs all 32 lanes of the warp; the block has fewer");
-      continue;  // a lane the block does not have counts as exited
-    }
-    const Fiber& o = g_fibers[base + l];
-    if (o.state == State::kExited) {
-      if (me.op == WarpOp::kMma) fail(format("mma.sync: lane %d of the warp has exited", l));
-      continue;
-    }
-    if (o.state != State::kWarp) return false;
+  if (mask & ~(g_waiting[w] | g_gone[w])) return false;  // a lane of the mask is elsewhere
+  const unsigned live = mask & g_waiting[w];
+  if (me.op == WarpOp::kMma && live != 0xffffffffu)
+    fail("mma.sync needs all 32 lanes of the warp; some have exited or do not exist");
+  for (unsigned m = live; m; m &= m - 1) {
+    const Fiber& o = g_fibers[base + __builtin_ctz(m)];
     if (o.op != me.op || o.mask != mask) {
       fail(format("divergent warp collective: %s is at %s with mask 0x%08x, %s at %s with mask 0x%08x",
                   thread_text(me.linear).c_str(), kWarpOpNames[int(me.op)], mask,
                   thread_text(o.linear).c_str(), kWarpOpNames[int(o.op)], o.mask));
     }
-    any = true;
   }
-  if (!any) return false;
   compute(base, mask, me.op);
+  g_waiting[w] &= ~live;
   return true;
 }
 
@@ -513,6 +509,7 @@ Fiber& arrive(WarpOp op, unsigned mask) {
   f.op = op;
   f.mask = mask;
   f.state = State::kWarp;
+  g_waiting[f.linear / kWarp] |= 1u << lane;
   if (!try_complete(f.linear - lane, f)) switch_to_scheduler();
   return f;
 }
@@ -627,7 +624,12 @@ void run_block(uint32_t id, std::vector<int>& order) {
   g_block.start_epoch = g.epoch;
   start_block_memory();
   for (int i = 0; i < n; ++i) init_fiber(g_fibers[i], i);
-  for (int w = 0; w < kMaxThreads / kWarp; ++w) g_warp_synced[w] = 0;
+  for (int w = 0; w < kMaxThreads / kWarp; ++w) {
+    g_warp_synced[w] = 0;
+    g_waiting[w] = 0;
+    const int lanes = std::clamp(n - w * kWarp, 0, kWarp);
+    g_gone[w] = lanes == kWarp ? 0u : ~((1u << lanes) - 1);
+  }
   int live = n;
   for (;;) {
     if (g_sched.order == Schedule::kRandom) {
