@@ -7,6 +7,7 @@
 // memory.cpp) abandon the block and throw from the launch. Compiled without instrumentation.
 #include <dlfcn.h>
 #include <sys/mman.h>
+#include <ucontext.h>
 #include <unistd.h>
 
 #include <cstdarg>
@@ -24,13 +25,29 @@ dim3 blockDim, gridDim;
 
 namespace llada_emu {
 namespace rt {
+
+Hot g;
+Schedule g_sched;
+Plant g_plant;
+Stats g_stats{};
+Launch g_launch{};
+Block g_block;
+std::vector<Fiber> g_fibers(kMaxThreads);
+uint32_t g_warp_synced[kMaxThreads / kWarp];
+
 namespace {
 
 // ---- context switch ----------------------------------------------------------------------------
-// switch_stack(save, load): saves the callee-saved registers and the FP control words on the
-// current stack, stores the stack pointer in *save, and resumes the context saved at `load`.
+// make_context(f, top) prepares fiber f to start fiber_main on the stack that ends at `top`;
+// enter(f) runs it until it calls leave(f). On x86-64 a dozen instructions of our own switch
+// stacks (callee-saved registers and the FP control words); elsewhere, or with
+// -DLLADA_EMU_UCONTEXT, POSIX ucontext does (slower: it saves the signal mask with a system call).
+[[noreturn]] void fiber_main();
+
+#if defined(__x86_64__) && !defined(LLADA_EMU_UCONTEXT)
+// llada_emu_switch_stack(save, load): pushes the callee-saved registers and the FP control
+// words, stores the stack pointer in *save, and resumes the context saved at `load`.
 extern "C" void llada_emu_switch_stack(void** save, void* load);
-#if defined(__x86_64__)
 asm(R"(
   .pushsection .text
   .p2align 4
@@ -62,74 +79,79 @@ llada_emu_switch_stack:
   .size llada_emu_switch_stack,.-llada_emu_switch_stack
   .popsection
 )");
-#elif defined(__aarch64__)
-asm(R"(
-  .pushsection .text
-  .p2align 4
-  .globl llada_emu_switch_stack
-  .hidden llada_emu_switch_stack
-  .type llada_emu_switch_stack,%function
-llada_emu_switch_stack:
-  sub sp, sp, #176
-  stp x19, x20, [sp, #0]
-  stp x21, x22, [sp, #16]
-  stp x23, x24, [sp, #32]
-  stp x25, x26, [sp, #48]
-  stp x27, x28, [sp, #64]
-  stp x29, x30, [sp, #80]
-  stp d8, d9, [sp, #96]
-  stp d10, d11, [sp, #112]
-  stp d12, d13, [sp, #128]
-  stp d14, d15, [sp, #144]
-  mrs x9, fpcr
-  str x9, [sp, #160]
-  mov x9, sp
-  str x9, [x0]
-  mov sp, x1
-  ldr x9, [sp, #160]
-  msr fpcr, x9
-  ldp x19, x20, [sp, #0]
-  ldp x21, x22, [sp, #16]
-  ldp x23, x24, [sp, #32]
-  ldp x25, x26, [sp, #48]
-  ldp x27, x28, [sp, #64]
-  ldp x29, x30, [sp, #80]
-  ldp d8, d9, [sp, #96]
-  ldp d10, d11, [sp, #112]
-  ldp d12, d13, [sp, #128]
-  ldp d14, d15, [sp, #144]
-  add sp, sp, #176
-  ret
-  .size llada_emu_switch_stack,.-llada_emu_switch_stack
-  .popsection
-)");
+
+void* g_sched_sp = nullptr;  // the scheduler's context, while a thread runs
+
+void make_context(Fiber& f, uintptr_t* top) {
+  // The frame llada_emu_switch_stack pops: FP control words, r15..r12, rbx, rbp, and the return
+  // address (fiber_main, entered with rsp = 8 mod 16 as after a call).
+  uintptr_t* sp = top - 9;
+  uint32_t fp_words[2];
+  asm volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(fp_words[0]), "=m"(fp_words[1]));
+  std::memcpy(sp, fp_words, 8);
+  for (int i = 1; i <= 6; ++i) sp[i] = 0;
+  sp[7] = reinterpret_cast<uintptr_t>(&fiber_main);
+  f.sp = sp;
+}
+
+void enter(Fiber& f) { llada_emu_switch_stack(&g_sched_sp, f.sp); }
+void leave(Fiber& f) { llada_emu_switch_stack(&f.sp, g_sched_sp); }
 #else
-#error "the CUDA host emulation has a context switch for x86-64 and aarch64 only"
+std::vector<ucontext_t> g_contexts(kMaxThreads);
+ucontext_t g_sched_context;
+
+void make_context(Fiber& f, uintptr_t* top) {
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  ucontext_t& c = g_contexts[f.linear];
+  getcontext(&c);
+  c.uc_stack.ss_sp = reinterpret_cast<char*>(top) - (kStackBytes - page);
+  c.uc_stack.ss_size = kStackBytes - page;
+  c.uc_link = nullptr;
+  makecontext(&c, reinterpret_cast<void (*)()>(&fiber_main), 0);
+}
+
+void enter(Fiber& f) { swapcontext(&g_sched_context, &g_contexts[f.linear]); }
+void leave(Fiber& f) { swapcontext(&g_contexts[f.linear], &g_sched_context); }
 #endif
 
-}  // namespace
-
-Hot g;
-Schedule g_sched;
-Plant g_plant;
-Stats g_stats{};
-Launch g_launch{};
-Block g_block;
-std::vector<Fiber> g_fibers(kMaxThreads);
-uint32_t g_warp_synced[kMaxThreads / kWarp];
-
-namespace {
-
-void* g_sched_sp = nullptr;
-std::string g_error;
+std::string g_error;         // set by fail() in a thread; the scheduler throws it
 cudaError_t g_last_error = cudaSuccess;
 std::vector<std::pair<const void*, int>> g_func_smem;  // cudaFuncSetAttribute values
+// Per warp: the lanes waiting at a warp collective, and the lanes that exited (or that a block
+// of fewer threads does not have).
+uint32_t g_waiting[kMaxThreads / kWarp], g_gone[kMaxThreads / kWarp];
+
+bool try_complete(int base, Fiber& me);
+
+uint64_t next_random() {  // xorshift64*
+  g.rng ^= g.rng >> 12;
+  g.rng ^= g.rng << 25;
+  g.rng ^= g.rng >> 27;
+  return g.rng * 0x2545F4914F6CDD1DULL;
+}
+
+uintptr_t library_base() {
+  static uintptr_t base = [] {
+    Dl_info info{};
+    dladdr(reinterpret_cast<void*>(&library_base), &info);
+    return reinterpret_cast<uintptr_t>(info.dli_fbase);
+  }();
+  return base;
+}
+
+std::string where() {
+  if (g_launch.cfg == nullptr) return "no launch";
+  const LaunchConfig& c = *g_launch.cfg;
+  return format("kernel %s ({fn:0x%lx}) launched at %s:%d, block (%u,%u,%u)", c.kernel,
+                static_cast<unsigned long>(reinterpret_cast<uintptr_t>(g_launch.kernel_id) - library_base()),
+                c.file, c.line, blockIdx.x, blockIdx.y, blockIdx.z);
+}
 
 }  // namespace
 
 size_t Block::used() const { return g_launch.dyn_bytes + static_bytes; }
 
-// ---- messages ------------------------------------------------------------------------------------
+// ---- messages and errors ---------------------------------------------------------------------
 
 std::string format(const char* fmt, ...) {
   char buf[1024];
@@ -140,34 +162,11 @@ std::string format(const char* fmt, ...) {
   return buf;
 }
 
-namespace {
-uintptr_t library_base() {
-  static uintptr_t base = [] {
-    Dl_info info{};
-    dladdr(reinterpret_cast<void*>(&library_base), &info);
-    return reinterpret_cast<uintptr_t>(info.dli_fbase);
-  }();
-  return base;
-}
-
-}  // namespace
-
 // "{pc:0x...}": a return address in this library, which tests/cuda_emu.py turns into the
 // file:line of the call before it ("{fn:0x...}": a function, which it turns into its name).
 std::string pc_text(const void* pc) {
   return format("{pc:0x%lx}", static_cast<unsigned long>(reinterpret_cast<uintptr_t>(pc) - library_base()));
 }
-
-namespace {
-std::string where() {
-  if (g_launch.cfg == nullptr) return "no launch";
-  const LaunchConfig& c = *g_launch.cfg;
-  return format("kernel %s ({fn:0x%lx}) launched at %s:%d, block (%u,%u,%u)", c.kernel,
-                static_cast<unsigned long>(reinterpret_cast<uintptr_t>(g_launch.kernel_id) - library_base()),
-                c.file, c.line, blockIdx.x, blockIdx.y, blockIdx.z);
-}
-
-}  // namespace
 
 std::string thread_text(int linear) {
   if (linear == kAtomicWriter) return "atomics";
@@ -186,11 +185,19 @@ std::string thread_text(int linear) {
   throw std::runtime_error(g_error);
 }
 
+// ---- fibers ------------------------------------------------------------------------------------
+
+void switch_to_scheduler() { leave(*g.cur); }
+
+void maybe_preempt() {
+  if (g_sched.preempt == 0 || g.cur == nullptr) return;
+  if ((next_random() >> 48) < g_sched.preempt) {
+    ++g_stats.preemptions;
+    switch_to_scheduler();  // stays ready: the scheduler resumes it in a later pass
+  }
+}
+
 namespace {
-
-// ---- fibers --------------------------------------------------------------------------------------
-
-[[noreturn]] void fiber_main();
 
 void init_stacks() {
   if (g.stacks) return;
@@ -210,49 +217,15 @@ void init_fiber(Fiber& f, int linear) {
   f.linear = linear;
   f.tid = uint3{linear % bd.x, (linear / bd.x) % bd.y, linear / (bd.x * bd.y)};
   f.state = State::kReady;
-  auto* top = reinterpret_cast<uintptr_t*>(g.stacks + (linear + 1) * kStackBytes);
-#if defined(__x86_64__)
-  // The frame llada_emu_switch_stack pops: FP control words, r15..r12, rbx, rbp, and the return
-  // address (fiber_main, entered with rsp = 8 mod 16 as after a call).
-  uintptr_t* sp = top - 9;
-  uint32_t fp_words[2];
-  asm volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(fp_words[0]), "=m"(fp_words[1]));
-  std::memcpy(sp, fp_words, 8);
-  for (int i = 1; i <= 6; ++i) sp[i] = 0;
-  sp[7] = reinterpret_cast<uintptr_t>(&fiber_main);
-  f.sp = sp;
-#else
-  uintptr_t* sp = top - 22;  // 176 bytes, sp 16-aligned
-  std::memset(sp, 0, 176);
-  sp[11] = reinterpret_cast<uintptr_t>(&fiber_main);  // x30, the return address
-  uint64_t fpcr;
-  asm volatile("mrs %0, fpcr" : "=r"(fpcr));
-  sp[20] = fpcr;
-  f.sp = sp;
-#endif
+  make_context(f, reinterpret_cast<uintptr_t*>(g.stacks + (linear + 1) * kStackBytes));
 }
 
 void resume(Fiber& f) {
   g.cur = &f;
   threadIdx = f.tid;
-  llada_emu_switch_stack(&g_sched_sp, f.sp);
+  enter(f);
   g.cur = nullptr;
 }
-
-}  // namespace
-
-void switch_to_scheduler() {
-  Fiber* f = g.cur;
-  llada_emu_switch_stack(&f->sp, g_sched_sp);
-}
-
-namespace {
-
-bool try_complete(int base, Fiber& me);
-
-// Per warp: the lanes waiting at a warp collective, and the lanes that exited (or that a block
-// of fewer threads does not have).
-uint32_t g_waiting[kMaxThreads / kWarp], g_gone[kMaxThreads / kWarp];
 
 [[noreturn]] void fiber_main() {
   Fiber& f = *g.cur;
@@ -267,25 +240,6 @@ uint32_t g_waiting[kMaxThreads / kWarp], g_gone[kMaxThreads / kWarp];
   switch_to_scheduler();
   __builtin_unreachable();
 }
-
-}  // namespace
-
-uint64_t next_random() {  // xorshift64*
-  g.rng ^= g.rng >> 12;
-  g.rng ^= g.rng << 25;
-  g.rng ^= g.rng >> 27;
-  return g.rng * 0x2545F4914F6CDD1DULL;
-}
-
-void maybe_preempt() {
-  if (g_sched.preempt == 0 || g.cur == nullptr) return;
-  if ((next_random() >> 48) < g_sched.preempt) {
-    ++g_stats.preemptions;
-    switch_to_scheduler();  // stays ready: the scheduler resumes it in a later pass
-  }
-}
-
-namespace {
 
 // ---- barriers and warp collectives -----------------------------------------------------------
 
@@ -514,6 +468,51 @@ Fiber& arrive(WarpOp op, unsigned mask) {
   return f;
 }
 
+// ---- launches ---------------------------------------------------------------------------------
+
+bool valid(const LaunchConfig& c) {
+  const uint64_t threads = uint64_t(c.block.x) * c.block.y * c.block.z;
+  return threads >= 1 && threads <= kMaxThreads && c.block.x <= 1024 && c.block.y <= 1024 &&
+         c.block.z <= 64 && c.grid.x >= 1 && c.grid.x <= 0x7fffffffu && c.grid.y >= 1 &&
+         c.grid.y <= 65535 && c.grid.z >= 1 && c.grid.z <= 65535;
+}
+
+void run_block(uint32_t id, std::vector<int>& order) {
+  blockIdx = uint3{id % gridDim.x, (id / gridDim.x) % gridDim.y, id / (gridDim.x * gridDim.y)};
+  g_block.id = id;
+  const int n = g_block.nthreads;
+  ++g.epoch;
+  g_block.start_epoch = g.epoch;
+  start_block_memory();
+  for (int i = 0; i < n; ++i) init_fiber(g_fibers[i], i);
+  for (int w = 0; w < kMaxThreads / kWarp; ++w) {
+    g_warp_synced[w] = 0;
+    g_waiting[w] = 0;
+    const int lanes = std::clamp(n - w * kWarp, 0, kWarp);
+    g_gone[w] = lanes == kWarp ? 0u : ~((1u << lanes) - 1);
+  }
+  int live = n;
+  for (;;) {
+    if (g_sched.order == Schedule::kRandom) {
+      for (int i = n - 1; i > 0; --i) std::swap(order[i], order[next_random() % (i + 1)]);
+    }
+    bool ran = false;
+    for (int i : order) {
+      Fiber& f = g_fibers[i];
+      if (f.state != State::kReady) continue;
+      resume(f);
+      ran = true;
+      if (!g_error.empty()) throw std::runtime_error(g_error);
+      if (f.state == State::kExited) --live;
+    }
+    if (ran) continue;
+    if (live == 0) break;
+    complete_barrier();  // everyone left waits: at one barrier, or a deadlock
+  }
+
+  check_shared_limits();
+}
+
 }  // namespace
 }  // namespace rt
 
@@ -605,55 +604,6 @@ cudaError_t take_last_error() {
 }
 
 cudaError_t peek_last_error() { return g_last_error; }
-
-namespace rt {
-namespace {
-
-bool valid(const LaunchConfig& c) {
-  const uint64_t threads = uint64_t(c.block.x) * c.block.y * c.block.z;
-  return threads >= 1 && threads <= kMaxThreads && c.block.x <= 1024 && c.block.y <= 1024 &&
-         c.block.z <= 64 && c.grid.x >= 1 && c.grid.x <= 0x7fffffffu && c.grid.y >= 1 &&
-         c.grid.y <= 65535 && c.grid.z >= 1 && c.grid.z <= 65535;
-}
-
-void run_block(uint32_t id, std::vector<int>& order) {
-  blockIdx = uint3{id % gridDim.x, (id / gridDim.x) % gridDim.y, id / (gridDim.x * gridDim.y)};
-  g_block.id = id;
-  const int n = g_block.nthreads;
-  ++g.epoch;
-  g_block.start_epoch = g.epoch;
-  start_block_memory();
-  for (int i = 0; i < n; ++i) init_fiber(g_fibers[i], i);
-  for (int w = 0; w < kMaxThreads / kWarp; ++w) {
-    g_warp_synced[w] = 0;
-    g_waiting[w] = 0;
-    const int lanes = std::clamp(n - w * kWarp, 0, kWarp);
-    g_gone[w] = lanes == kWarp ? 0u : ~((1u << lanes) - 1);
-  }
-  int live = n;
-  for (;;) {
-    if (g_sched.order == Schedule::kRandom) {
-      for (int i = n - 1; i > 0; --i) std::swap(order[i], order[next_random() % (i + 1)]);
-    }
-    bool ran = false;
-    for (int i : order) {
-      Fiber& f = g_fibers[i];
-      if (f.state != State::kReady) continue;
-      resume(f);
-      ran = true;
-      if (!g_error.empty()) throw std::runtime_error(g_error);
-      if (f.state == State::kExited) --live;
-    }
-    if (ran) continue;
-    if (live == 0) break;
-    complete_barrier();  // everyone left waits: at one barrier, or a deadlock
-  }
-
-  check_shared_limits();
-}
-
-}  // namespace
-}  // namespace rt
 
 void run_kernel(const LaunchConfig& cfg, const void* kernel_id, void (*entry)(void*), void* ctx) {
   if (g.in_kernel) throw std::runtime_error("llada_emu: a kernel launch inside a kernel");
