@@ -124,7 +124,7 @@ def _clone(x):
 _calls = 0
 
 
-def run(name, args, kwargs=None, schedules=(FIRST, SECOND)):
+def run(name, args, kwargs=None, schedules=(FIRST, SECOND), hazards=True):
     """llada_emu::<name>(*args) under each schedule, the earlier runs on clones of the inputs;
     every run must give the same bits. Returns the last run's result."""
     global _calls
@@ -135,7 +135,7 @@ def run(name, args, kwargs=None, schedules=(FIRST, SECOND)):
         last = i == len(schedules) - 1
         a, kw = (args, kwargs) if last else (_clone(args), _clone(kwargs))
         _calls += 1
-        set_schedule(order, seed=_calls, preempt=preempt)
+        set_schedule(order, seed=_calls, preempt=preempt, hazards=hazards)
         try:
             out = op(*a, **kw)
         except RuntimeError as e:
@@ -158,10 +158,10 @@ class EmulatedCuda(TorchDispatchMode):
     """Routes llada::<op> calls with an emulated CUDA kernel to it (see the module docstring).
     `calls` counts them by op name."""
 
-    def __init__(self, schedules=(FIRST, SECOND)):
+    def __init__(self, schedules=(FIRST, SECOND), hazards=True):
         super().__init__()
         library()
-        self.schedules = schedules
+        self.schedules, self.hazards = schedules, hazards
         self.calls = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -171,6 +171,6 @@ class EmulatedCuda(TorchDispatchMode):
         name = func._schema.name.split("::", 1)[1]
         if emulated(name):
             self.calls[name] += 1
-            return run(name, args, kwargs, self.schedules)
+            return run(name, args, kwargs, self.schedules, self.hazards)
         with self:  # a composite: run its CPU kernel with the llada ops it calls routed too
             return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)

@@ -289,6 +289,15 @@ def test_removed_barrier_in_a_real_kernel_is_reported(path, after, case, report)
         case()
 
 
+def test_removed_barrier_in_a_real_kernel_changes_the_result_between_orders():
+    """Without the checkers, EmulatedCuda's two thread orders alone catch the attention
+    forward's missing barrier after its K and V tiles are loaded."""
+    path, after = REAL_BARRIERS[0][:2]
+    plant("drop_barrier", path, _barrier_line(path, after))
+    with pytest.raises(AssertionError, match="different results"), EmulatedCuda(hazards=False):
+        _attention_case()
+
+
 def test_wrong_fragment_index_in_the_attention_kernel_is_caught():
     """The emulated mma reads A's registers 1 and 2 swapped, as a kernel indexing its fragment
     wrongly would: the attention test's tolerance catches it."""
