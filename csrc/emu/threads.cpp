@@ -12,6 +12,7 @@
 
 #include <cstdarg>
 #include <cstdlib>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -605,8 +606,14 @@ cudaError_t take_last_error() {
 
 cudaError_t peek_last_error() { return g_last_error; }
 
+// One launch at a time in the process: the threads' stacks, the arena and the checkers' state
+// are global, and the memory-access hooks see every instrumented access of the process while a
+// launch runs (only the launching OS thread runs instrumented code meanwhile: kernels, and the
+// host code of the .cu files, which calls no parallel ATen functions).
 void run_kernel(const LaunchConfig& cfg, const void* kernel_id, void (*entry)(void*), void* ctx) {
-  if (g.in_kernel) throw std::runtime_error("llada_emu: a kernel launch inside a kernel");
+  if (g.cur != nullptr) throw std::runtime_error("llada_emu: a kernel launch inside a kernel");
+  static std::mutex one_launch;
+  const std::lock_guard<std::mutex> lock(one_launch);
   size_t max_dyn = kSharedDefaultMax;
   for (const auto& [k, v] : g_func_smem)
     if (k == kernel_id) max_dyn = static_cast<size_t>(v);
