@@ -306,3 +306,43 @@ def test_wrong_fragment_index_in_the_attention_kernel_is_caught():
     plant("mma_swap_a12")
     with pytest.raises(AssertionError, match="error"), EmulatedCuda():
         _attention_case()
+
+
+# ---- the source rewriter of csrc/emu/build.py --------------------------------------------------------
+
+def test_rewriter():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("llada_emu_build", ROOT / "csrc" / "emu" / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    src = '''// a comment with k<<<1, 2>>>(x) and __shared__ int c[4];
+const char* s = "__shared__ float t[2]; <<<a, b>>>";
+__global__ void k(float* x) {
+  extern __shared__ __align__(16) unsigned char dyn[];
+  __shared__ __align__(16) float a[4][8], b;
+  __shared__ Pair<int, float> p[2];
+}
+void host(at::Tensor t) {
+  TORCH_CHECK(t.is_cuda());
+  k<T,
+    4><<<grid,
+         64, 0, stream>>>(x);
+}
+TORCH_LIBRARY_IMPL(llada, CUDA, m) {}
+'''
+    out = build.rewrite(src, "csrc/cuda/x.cu")
+    body = out.split("\n", 2)[2]  # after the prelude and the #line directive
+    assert out.startswith('#include "llada_emu/cuda_emu.h"\n#line 1 "csrc/cuda/x.cu"\n')
+    assert body.count("\n") == src.count("\n")  # line numbers kept
+    lines = body.splitlines()
+    assert lines[0] == src.splitlines()[0] and lines[1] == src.splitlines()[1]  # comments, strings
+    assert "unsigned char (&dyn)[] = *reinterpret_cast<unsigned char (*)[]>(::llada_emu::dynamic_shared());" in lines[3]
+    assert ("auto& a = ::llada_emu::static_shared<float[4][8], 16>([] {}); "
+            "auto& b = ::llada_emu::static_shared<float, 16>([] {});") in lines[4]
+    assert "auto& p = ::llada_emu::static_shared<Pair<int, float>[2], 0>([] {});" in lines[5]
+    assert "t.is_cpu()" in lines[8]
+    assert lines[10].endswith('4> | ::llada_emu::config("k<T, 4>", grid,')
+    assert lines[11].strip() == "64, 0, stream)(x);"
+    assert lines[13].startswith("TORCH_LIBRARY_IMPL(llada_emu, CPU, m)")
+    with pytest.raises(ValueError, match="cannot rewrite"):
+        build.rewrite("__device__ void f() { __shared__ int x = 3; }", "csrc/cuda/y.cu")

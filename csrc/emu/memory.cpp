@@ -1,16 +1,18 @@
 // The memory half of the host CUDA emulation's runtime (see threads.cpp): the per-block
 // shared-memory arena (dynamic part first, then each static __shared__ variable after a red
-// zone; everything filled with 0xff at block start), its bounds, and the hazard checker, fed by
+// zone; everything filled with 0xff at block start), its bounds, and the race checkers, fed by
 // the memory-access hooks that g++ -fsanitize=thread inserts into the kernel code (the
 // ThreadSanitizer runtime is not linked: these hooks replace it). Compiled without
 // instrumentation.
 //
-// Hazard rule, per byte of shared memory: accesses by two different threads conflict when one
-// of them writes (an atomic counts as a write that does not conflict with other atomics), unless
-// a block barrier completed between them, or both threads are in one warp and a full-warp
+// The rule, per byte: accesses by two different threads conflict when one of them writes (an
+// atomic counts as a write that does not conflict with other atomics), unless both are in one
+// block and a block barrier completed between them, or both are in one warp and a full-warp
 // __syncwarp completed between them. Barrier intervals are numbered by a global epoch, so the
-// check does not depend on the order in which the scheduler ran the threads. A read of a byte
-// that no thread of the block has written is reported too.
+// check does not depend on the order in which the scheduler ran the threads. Shared memory has
+// a shadow byte per arena byte, and a read of a byte that no thread of the block has written is
+// reported too; global memory has a hash table of the bytes the launch touches, in which two
+// blocks of a launch are never ordered.
 #include <cstdlib>
 #include <cstring>
 
@@ -107,7 +109,7 @@ bool in_bounds(size_t off, size_t n) {
 
 namespace {
 
-// ---- the hazard checker ----------------------------------------------------
+// ---- shared memory: hazards within a block ------------------------------------------------
 
 bool warp_ordered(int other, int t, uint32_t sync_at_access) {
   return other != kAtomicWriter && other / kWarp == t / kWarp &&

@@ -2,36 +2,38 @@
 // Host emulation of the CUDA C++ that the kernels in csrc/cuda use, so that the same sources run
 // on CPU tensors in CI (no GPU). csrc/emu/build.py rewrites each .cu file a little (launches,
 // __shared__ declarations, the registration key; see its docstring), puts this header in front
-// and compiles it with g++; csrc/emu/threads.cpp (the scheduler) and memory.cpp (shared memory
-// and the hazard checker) are its runtime.
+// and compiles it with g++; csrc/emu/threads.cpp (threads, the scheduler, warp collectives) and
+// memory.cpp (shared memory and the race checkers) are its runtime.
 //
 // What is modelled:
 //   threads       every thread of a block is a fiber (its own stack); the fibers of a block run
 //                 cooperatively on one OS thread and switch at barriers, warp-collective
 //                 operations and (when the schedule asks) at memory accesses. Blocks run one
-//                 after another. The order (forward, reverse, seeded shuffles, preemption) is
-//                 chosen per launch: see llada_emu::_set_schedule.
+//                 after another. The order (forward, reverse, seeded shuffles of the threads
+//                 and the blocks, preemption) is chosen per launch: see llada_emu::_set_schedule.
 //   barriers      __syncthreads and its _or/_and/_count forms wait for every live thread of the
 //                 block (exited threads count as arrived, as on the hardware); threads waiting
 //                 at different barriers are an error; __syncwarp(mask) waits for the lanes of mask.
 //   warps         32 lanes (sm_70+ independent scheduling: no lockstep); shuffles (PTX shfl.sync
 //                 semantics: modes, width, out-of-segment lanes read their own value), votes,
-//                 match, __reduce_*_sync. Every lane of mask must arrive at the same operation
-//                 with the same mask; a lane that exited or diverged is an error, not a hang.
+//                 match, __reduce_*_sync. Every live lane of mask must arrive at the same
+//                 operation with the same mask; a divergent lane, a shuffle from an exited lane
+//                 or a deadlock is an error, not a hang.
 //   mma.sync      m16n8k16, fp16/bf16 in, fp32 accumulate, the PTX ISA fragment layouts
 //                 (llada_emu::mma_m16n8k16, behind csrc/cuda/mma.cuh). Products are exact and
 //                 each output is summed in fp64 and rounded once: the hardware's accumulation
 //                 (truncating, in an unspecified order) may differ in the last bits.
 //   memory        __shared__ and dynamic shared memory live in a per-block arena filled with
-//                 0xff bytes (NaN) at block start; the arena is bounds-checked against what the
-//                 kernel declared. Global memory is the CPU tensors' memory.
-//   hazards       every load and store of the kernel code is instrumented (g++ -fsanitize=thread
+//                 0xff bytes (NaN) at block start, each static variable after a red zone; an
+//                 access outside what the kernel declared is an error. Global memory is the CPU
+//                 tensors' memory.
+//   races         every load and store of the kernel code is instrumented (g++ -fsanitize=thread
 //                 instrumentation, with this project's own hooks instead of the ThreadSanitizer
-//                 runtime). In shared memory, within one barrier interval, a location written by
-//                 one thread and read or written by another (not ordered by a full-warp
-//                 __syncwarp), read by one and then written by another, or touched by both
-//                 atomics and plain accesses, is reported; so is a read of shared memory that no
-//                 thread of the block has written.
+//                 runtime). Two accesses to one byte, one of them a write (atomics conflict only
+//                 with plain accesses), conflict when they come from two threads of a block with
+//                 no barrier (or, in one warp, no full-warp __syncwarp) between them, or, in
+//                 global memory, from two blocks of one launch. A read of shared memory that no
+//                 thread of the block has written is reported too.
 //   numbers       __half and __nv_bfloat16 round to nearest even (NaN becomes the canonical
 //                 0x7fff), as cvt.rn does; __fadd_rn and friends are plain IEEE fp32 operations
 //                 (build.py compiles with -ffp-contract=off). The math library is the host's
@@ -40,9 +42,10 @@
 //                 build does not: results may differ from a GPU's in the last bits.
 //   launches      grid and block limits, 48 KiB of shared memory unless cudaFuncSetAttribute
 //                 raised it, 163 KiB at most (sm_80's limit, the smaller of the two targets).
-// What is not: global-memory races and inter-block ordering (blocks run one at a time), warp
-// lockstep, memory-model subtleties (fences are no-ops), timing, register and occupancy
-// limits, __launch_bounds__, asm other than the mma.cuh wrapper, cp.async, textures.
+// What is not: ordering between launches on different streams (every launch runs to completion
+// at once), warp lockstep, memory-model subtleties (fences are no-ops), timing, register and
+// occupancy limits, __launch_bounds__, inline asm other than the mma.cuh wrapper (ldmatrix,
+// cp.async, wgmma), textures, variable-size memcpy into shared memory (not instrumented).
 
 #define LLADA_CUDA_EMU 1
 
