@@ -14,7 +14,7 @@ import torch
 import test_bidirectional_attention as attn
 import test_masked_diffusion_loss as loss
 import test_remask_step as remask
-from cuda_emu import EmulatedCuda, emu_lib, plant, run, set_schedule, stats  # noqa: F401
+from cuda_emu import EmulatedCuda, emu_lib, plant, set_schedule, stats  # noqa: F401  (emu_lib: a fixture)
 
 pytestmark = pytest.mark.usefixtures("emu_lib")
 ROOT = Path(__file__).resolve().parents[1]
