@@ -219,14 +219,15 @@ def test_attention(case):
 # The structured masks (tests/test_attention_masks.py's cases, at the CUDA kernels' head dims):
 # block-causal with b = 1, 4, 32, 37, KV-cache offsets per row, documents (cu_seqlens, unsorted
 # ids, with blocks), the 2L block-diffusion mask, rows that see no key.
-MASK_CASES = [(*c[:5], 128 if c[5] == 32 else 64, c[6]) for c in am.KERNEL_CASES
-              if c[6] != "key_padding"]
+# Both dtypes, alternately (each emulated case costs seconds).
+MASK_CASES = [(*c[:5], 128 if c[5] == 32 else 64, c[6], (torch.bfloat16, torch.float16)[i % 2])
+              for i, c in enumerate(c for c in am.KERNEL_CASES if c[6] != "key_padding")]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("case", MASK_CASES, ids=lambda c: f"{c[6]}-{'x'.join(map(str, c[:6]))}")
-def test_attention_masks(case, dtype):
-    *shape, kind = case
+@pytest.mark.parametrize("case", MASK_CASES,
+                         ids=lambda c: f"{c[6]}-{'x'.join(map(str, c[:6]))}-{str(c[7])[6:]}")
+def test_attention_masks(case):
+    *shape, kind, dtype = case
     with EmulatedCuda() as emu:
         am.check_backend("cuda", "cpu", tuple(shape), kind, dtype, fn=am.direct_op())
     assert emu.calls["attention_fwd"] == 1 and emu.calls["attention_bwd"] == 1
