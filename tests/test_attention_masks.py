@@ -117,9 +117,17 @@ def sdpa_truth(q, k, v, dense):
 
 
 def make_qkv(B, Hq, Hkv, Lq, Lk, D, dtype, device, gen, layout="contiguous"):
+    """q, k, v; layout "bshd" ([B, L, H, D] storage, as models hold it), "strided_d" (no unit
+    stride along D) or "offset" (contiguous, one element off 16-byte alignment)."""
     def t(H, L):
-        x = torch.randn(B, L, H, D, generator=gen).transpose(1, 2) if layout == "bshd" \
-            else torch.randn(B, H, L, D, generator=gen)
+        if layout == "bshd":
+            x = torch.randn(B, L, H, D, generator=gen).transpose(1, 2)
+        elif layout == "strided_d":
+            x = torch.randn(B, H, L, 2 * D, generator=gen)[..., ::2]
+        else:
+            x = torch.randn(B, H, L, D, generator=gen)
+        if layout == "offset":
+            return torch.empty(x.numel() + 1, device=device, dtype=dtype)[1:].view(x.shape).copy_(x)
         return x.to(device=device, dtype=dtype)
     return t(Hq, Lq), t(Hkv, Lk), t(Hkv, Lk)
 
@@ -135,10 +143,21 @@ def max_err(a, b):
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
+def direct_op(name="attention_fwd"):
+    """An `fn` for check_backend: llada::<name> called directly (its registered autograd
+    backward calls the matching _bwd op), e.g. for the host emulation of the CUDA kernels."""
+    def fn(q, k, v, mask):
+        qm, km = (None, None) if mask is None else mask.tensors(q.shape[0])
+        return getattr(torch.ops.llada, name)(q, k, v, qm, km, q.shape[-1] ** -0.5)[0]
+    return fn
+
+
 def check_backend(backend, device, shape, kind, dtype, seed=0, layout="contiguous", mask=None,
-                  truth_device="cpu"):
+                  truth_device="cpu", backend_mask=None, fn=None):
     """backend's forward and gradients against fp64 SDPA with the dense mask (2x rule); the
-    truth and eager's error are computed on truth_device."""
+    truth and eager's error are computed on truth_device. backend_mask, a function of the
+    mask, plants a wrong mask on the backend's side (to show that the check catches it); fn
+    (q, k, v, mask) -> out replaces the public op."""
     B, Hq, Hkv, Lq, Lk, D = shape
     gen = torch.Generator().manual_seed(seed)
     q, k, v = make_qkv(B, Hq, Hkv, Lq, Lk, D, dtype, "cpu", gen, layout)
@@ -153,9 +172,10 @@ def check_backend(backend, device, shape, kind, dtype, seed=0, layout="contiguou
                                                                    v.double(), grad.double()))
     eager = grads(lambda a, b, c: ref.attention(a, b, c, dense_t), *on(q, k, v, grad))
     truth, eager = [t.cpu() for t in truth], [t.cpu() for t in eager]
-    dev_mask = None if mask is None else mask.to(device)
-    got = grads(lambda a, b, c: lk.attention(a, b, c, dev_mask, backend=backend),
-                q.to(device), k.to(device), v.to(device), grad.to(device))
+    dev_mask = None if mask is None else (backend_mask or (lambda m: m))(mask).to(device)
+    fn = fn or (lambda a, b, c, m: lk.attention(a, b, c, m, backend=backend))
+    got = grads(lambda a, b, c: fn(a, b, c, dev_mask), q.to(device), k.to(device), v.to(device),
+                grad.to(device))
     for name, g, t, e in zip(("out", "dq", "dk", "dv"), got, truth, eager):
         assert g.dtype == dtype and g.shape == t.shape, name
         g = g.cpu()
@@ -471,6 +491,21 @@ def test_deprecated_alias_warns_once_and_agrees():
     torch.testing.assert_close(a, lk.attention(q, k, v, key_padding_mask=kpm, backend="reference"))
     torch.testing.assert_close(b, lk.attention(q, k, v, key_padding_mask=kpm, scale=0.3,
                                                backend="reference"))
+
+
+def test_check_catches_one_wrong_pair():
+    """The check is sensitive to one key's interval: key 9 (block 2 of 4-token blocks, seen
+    by blocks 2 and later) given [lo, hi] = [1, 2] instead (seen by blocks 1 and 2) makes it
+    fail, while the right mask passes."""
+    def move_key_9(m):
+        k_mask = m.k_mask.clone()
+        k_mask[:, 1, 9], k_mask[:, 2, 9] = 1, 2
+        return masks.AttentionMask(m.q_mask, k_mask)
+
+    check_backend("reference", "cpu", (1, 2, 1, 70, 70, 16), "block_causal_b4", torch.bfloat16)
+    with pytest.raises(AssertionError, match="error"):
+        check_backend("reference", "cpu", (1, 2, 1, 70, 70, 16), "block_causal_b4",
+                      torch.bfloat16, backend_mask=move_key_9)
 
 
 # ---- the reference --------------------------------------------------------------------------

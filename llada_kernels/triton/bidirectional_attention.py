@@ -442,29 +442,28 @@ def _bwd_dq_kernel(
 def _config(kernel: str, D: int, masked: bool = False) -> tuple[dict, int, int]:
     """(block sizes, num_warps, num_stages) of `kernel` at head dim D, with or without a
     structured mask. Chosen so that every configuration compiles without register spills for
-    sm_80 and sm_90 (AOT_SPECS). The mask costs registers: each thread holds (kdoc, lo, hi) for
-    its columns of the MMA tile, so the masked forward at D = 128 and dQ at D >= 64 take
-    narrower key tiles, and dK/dV at D <= 32 fewer query rows per step (at the unmasked sizes
-    they spill 24-660 bytes on sm_80, Triton 3.8)."""
+    sm_80 and sm_90 under every supported Triton (3.6 and 3.8, whose ptxas differ; AOT_SPECS).
+    The mask costs registers: each thread holds (kdoc, lo, hi) for its columns of the MMA
+    tile, so the masked kernels take narrower key tiles (at the unmasked sizes they spill
+    24-660 bytes). dK/dV takes 16 query rows per step everywhere (64 spills at D = 32 on sm_80
+    under Triton 3.6), and so does dQ 32 keys at D = 64."""
     if kernel == "fwd":
-        if D == 128 and masked:
-            return {"BLOCK_M": 128, "BLOCK_N": 32}, 8, 3
+        if masked:
+            if D >= 64:
+                return {"BLOCK_M": 128, "BLOCK_N": 32}, 8, 3
+            return {"BLOCK_M": 64, "BLOCK_N": 32 if D == 32 else 64}, 4, 3
         if D >= 64:
             return {"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3
         return {"BLOCK_M": 64, "BLOCK_N": 64}, 4, 3
     if kernel == "delta":
         return {"BLOCK_M": 16}, 4, 1
     if kernel == "dkdv":
-        if D >= 64 or masked:
-            return {"BLOCK_M": 16, "BLOCK_N": 64}, 8 if D == 128 else 4, 2
-        return {"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2
+        return {"BLOCK_M": 16, "BLOCK_N": 64}, 8 if D == 128 else 4, 2
     if kernel == "dq":
         if D == 128:
             return ({"BLOCK_M": 32, "BLOCK_N": 32}, 8, 2) if masked else \
                 ({"BLOCK_M": 64, "BLOCK_N": 16}, 8, 2)
-        if D == 64 and masked:
-            return {"BLOCK_M": 64, "BLOCK_N": 32}, 4, 2
-        return {"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2
+        return {"BLOCK_M": 64, "BLOCK_N": 32 if masked or D == 64 else 64}, 4, 2
     raise KeyError(kernel)
 
 
