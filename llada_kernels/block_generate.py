@@ -188,10 +188,13 @@ def block_generate(model, prompt, attention_mask=None, *, gen_length=2048, block
 
 
 def _edit(logits, block, new, editable, editing_threshold, temperature, generator):
-    """LLaDA2.1's editing, in Python over remask_step's outputs (a second pass over the
-    block's logits, to be folded into the op): at `editable` positions [B', b], replace the
-    token by x0 when x0 differs and its confidence > editing_threshold. Returns (new tokens,
-    edited [B', b] bool)."""
+    """LLaDA2.1's editing: at `editable` positions [B', b], replace the token by x0 when x0
+    differs and its confidence > editing_threshold. Returns (new tokens, edited [B', b] bool).
+
+    PYTHON FALLBACK, on top of remask_step's outputs: a second pass over the block's logits.
+    The rule belongs in remask_step (a remasking rule over committed positions, one pass over
+    the logits); its kernels were being reworked (the non-finite contract) when this was
+    written, so the op change waits for that."""
     l = logits.float()
     if temperature > 0:
         u = torch.rand(l.shape, dtype=torch.float64, device=l.device, generator=generator)
