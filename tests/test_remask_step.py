@@ -413,7 +413,8 @@ ARGUMENT_CASES = [
 
 
 @pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
-@pytest.mark.parametrize("match, kw", ARGUMENT_CASES, ids=[str(i) for i in range(len(ARGUMENT_CASES))])
+@pytest.mark.parametrize("match, kw", ARGUMENT_CASES,
+                         ids=[",".join(f"{k}={v!r}" for k, v in kw.items()) for _, kw in ARGUMENT_CASES])
 def test_every_argument_is_checked_on_every_backend(backend, match, kw):
     bad(match, backend=backend, **kw)
 
