@@ -219,7 +219,8 @@ int64_t find_first(const R& row, const std::vector<Run>& runs, float target) {
 // x0 = argmax_v min(fma(T, g(r, v), l_v), FLT_MAX) over `runs`, lowest id on ties, for a row
 // of finite and -inf logits (the caller handles NaN and +inf); -1 if every value is -inf. The
 // clamp keeps an overflowing noisy logit below a +inf one. `start` (or -1) is a good guess,
-// the argmax of l, whose noisy value is the first best so far. Ids go in blocks of 16 from an even id, with lmax their largest l:
+// the argmax of l, whose noisy value is the first best so far. Ids go in blocks of 16 from an
+// even id, with lmax their largest l:
 //   fma(T, kGumbelBound, lmax) < best   no id can win: no draw at all;
 //   otherwise                            8 Philox calls (the compiler vectorises them), and
 //                                        only ids whose draw could give g >= (best - lmax) / T
@@ -235,7 +236,8 @@ int64_t noisy_argmax(const R& row, const std::vector<Run>& runs, float T, uint64
   if (start >= 0) {
     uint64_t even, odd;
     gumbel_bits_pair(seed, r, start >> 1, even, odd);
-    const float y = std::min(std::fma(T, gumbel_from_bits((start & 1) ? odd : even), row.one(start)), kMax);
+    const float g = gumbel_from_bits((start & 1) ? odd : even);
+    const float y = std::min(std::fma(T, g, row.one(start)), kMax);
     if (y > best) {
       best = y;
       arg = start;
