@@ -5,15 +5,19 @@ Each table row is a hostile input with its expected result written out (x0) or c
 few lines of plain Python that state the contract (`contract_confidence`, `contract_loss`):
 they do not call the library, so the reference backend is tested against them like any other.
 A new backend joins by being listed in BACKENDS; a new remasking mode, by being listed in
-MODES (with its confidence formula in contract_confidence).
+MODES (with its confidence formula in contract_confidence). The CUDA kernels run here too, on
+the host emulation (tests/cuda_emu.py, "cuda-emu"): CPU tensors, the CUDA C++ source.
 """
 
+import contextlib
 import math
 
 import pytest
 import torch
 
 from llada_kernels import _backend, fused_linear_masked_diffusion_loss, masked_diffusion_loss, remask_step
+
+from cuda_emu import EmulatedCuda
 
 INF, NAN = math.inf, math.nan
 # The Triton interpreter runs kernels in numpy, which warns on every inf - inf these inputs make.
@@ -24,8 +28,10 @@ MODES = ["low_confidence", "margin", "entropy"]
 def _backends():
     """(device, backend) pairs: every backend that must run here. Not filtered by whether it
     was built (a missing build fails, as in conftest); the Triton interpreter runs CPU tensors,
-    and on a GPU machine CUDA tensors go through reference, triton and cuda."""
-    out = [pytest.param("cpu", "reference", id="reference"), pytest.param("cpu", "cpu", id="cpu")]
+    the CUDA kernels run on CPU tensors through the host emulation, and on a GPU machine CUDA
+    tensors go through reference, triton and cuda."""
+    out = [pytest.param("cpu", "reference", id="reference"), pytest.param("cpu", "cpu", id="cpu"),
+           pytest.param("cpu", "cuda-emu", id="cuda-emu")]
     if _backend.interpreting():
         out.append(pytest.param("cpu", "triton", id="triton", marks=pytest.mark.triton))
     if torch.cuda.is_available():
@@ -34,6 +40,14 @@ def _backends():
 
 
 BACKENDS = _backends()
+
+
+def on(backend):
+    """(the backend= to pass, the context to call it in): "cuda-emu" is backend="cpu" with
+    llada's ops routed to the emulated CUDA kernels."""
+    if backend == "cuda-emu":
+        return "cpu", EmulatedCuda()
+    return backend, contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,8 +131,10 @@ def remask_call(device, backend, row, suppress, zero, uncond, *, threshold=None,
         cfg = dict(uncond_logits=torch.tensor([[uncond[0]]], dtype=torch.float32, device=device),
                    cfg_scale=uncond[1])
     x = torch.full((1, 1), 7, device=device)
-    return remask_step(logits, x, k, mask_id=7, suppress_ids=suppress, zero_confidence_ids=zero,
-                       threshold=threshold, backend=backend, **cfg, **kw)
+    backend, context = on(backend)
+    with context:
+        return remask_step(logits, x, k, mask_id=7, suppress_ids=suppress, zero_confidence_ids=zero,
+                           threshold=threshold, backend=backend, **cfg, **kw)
 
 
 @pytest.mark.parametrize("device, backend", BACKENDS)
@@ -181,7 +197,9 @@ def test_remask_non_finite_rows_rank_as_zero(device, backend, mode, k):
     # The contract's order: higher confidence first, then lower position.
     order = sorted(range(L), key=lambda i: (-conf[i], i))
     x = torch.full((1, L), 7, device=device)
-    _, transfer = remask_step(logits, x, k, mask_id=7, remasking=mode, backend=backend)
+    backend, context = on(backend)
+    with context:
+        _, transfer = remask_step(logits, x, k, mask_id=7, remasking=mode, backend=backend)
     assert sorted(torch.nonzero(transfer[0]).flatten().tolist()) == sorted(order[:k]), conf
 
 
@@ -250,8 +268,10 @@ def test_loss(device, backend, dtype, case):
     targets = torch.tensor([[t, t]], device=device)
     masked = torch.tensor([[True, False]], device=device)
     p_mask = torch.tensor([0.5], device=device)
-    loss = masked_diffusion_loss(x, targets, masked, p_mask, reduction="none", backend=backend)
-    (grad,) = torch.autograd.grad(loss.sum(), x)
+    backend, context = on(backend)
+    with context:
+        loss = masked_diffusion_loss(x, targets, masked, p_mask, reduction="none", backend=backend)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
     assert loss.dtype == torch.float32 and grad.dtype == dtype
     _close(loss[0, 0].item(), want_loss, 1e-5)
     _close(grad[0, 0].cpu(), want_grad, 1e-5 if dtype == torch.float32 else 1e-2)
@@ -270,10 +290,13 @@ def test_fused_loss_extremes(device, backend, case):
     V = len(row)
     hidden = torch.tensor([[row]], dtype=torch.float32, device=device).requires_grad_()
     weight = torch.eye(V, device=device)
-    loss = fused_linear_masked_diffusion_loss(
-        hidden, weight, torch.tensor([[t]], device=device), torch.ones(1, 1, dtype=torch.bool, device=device),
-        torch.tensor([0.5], device=device), backend=backend)
-    (grad,) = torch.autograd.grad(loss, hidden)
+    backend, context = on(backend)
+    with context:
+        loss = fused_linear_masked_diffusion_loss(
+            hidden, weight, torch.tensor([[t]], device=device),
+            torch.ones(1, 1, dtype=torch.bool, device=device), torch.tensor([0.5], device=device),
+            backend=backend)
+        (grad,) = torch.autograd.grad(loss, hidden)
     want_loss, want_grad = contract_loss(row, t, 2.0)
     _close(loss.item(), want_loss, 1e-5)
     _close(grad[0, 0].cpu(), want_grad, 1e-5)
@@ -301,6 +324,12 @@ P_MASK_TABLE = [
 @pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused"])
 @pytest.mark.parametrize("case, dtype, p_mask, match", P_MASK_TABLE, ids=[c[0] for c in P_MASK_TABLE])
 def test_p_mask_is_checked_in_the_dtype_it_is_used_in(device, backend, fused, case, dtype, p_mask, match):
+    backend, context = on(backend)
+    with context:
+        _p_mask_case(device, backend, fused, dtype, p_mask, match)
+
+
+def _p_mask_case(device, backend, fused, dtype, p_mask, match):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 5, generator=g, dtype=dtype).to(device)
     targets = torch.randint(0, 5, (2, 3), generator=g).to(device)

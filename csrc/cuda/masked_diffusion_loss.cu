@@ -53,10 +53,12 @@ struct Stats {
   A ls;  // log sum_j exp(x_j - m)
 };
 
+// A pair whose m is -inf has s = 0, or NaN when it has seen a NaN logit (NaN > m is false):
+// merging two such pairs adds their s, so that the NaN survives.
 template <typename A>
 __device__ __forceinline__ MaxSum<A> merge(MaxSum<A> a, MaxSum<A> b) {
   const A m = (a.m > b.m || a.m != a.m) ? a.m : b.m;  // NaN propagates
-  if (m == -cuda::std::numeric_limits<A>::infinity()) return {m, A(0)};
+  if (m == -cuda::std::numeric_limits<A>::infinity()) return {m, a.s + b.s};
   return {m, a.s * exp(a.m - m) + b.s * exp(b.m - m)};
 }
 
