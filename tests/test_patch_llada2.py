@@ -116,13 +116,28 @@ def test_its_own_generate_gives_the_same_tokens_patched(llada2):
     assert torch.equal(a, b) and a.unique().numel() > 4
 
 
-@pytest.mark.parametrize("cache", ["exact", None])
-def test_our_block_sampler_gives_its_generate_tokens(llada2, cache):
+PROMPTS = ((1, 8), (2, 6))                                   # Lp + gen_length a multiple of b
+
+
+@pytest.fixture(scope="module")
+def own_tokens(llada2):
+    """Its own generate's tokens for each prompt, run once for both cache settings (it is the
+    slow part: about 3 s a prompt here)."""
     _, pat = llada2
-    for seed, Lp in ((1, 8), (2, 6)):                         # Lp + gen_length a multiple of b
+    out = []
+    for seed, Lp in PROMPTS:
         p = torch.randint(0, 60, (1, Lp), generator=torch.Generator().manual_seed(seed))
-        own = pat.generate(p, gen_length=18 - Lp + 6, block_length=4, steps=4, eos_id=EOS, mask_id=MASK)
-        ours = block_generate(pat, p, gen_length=18 - Lp + 6, block_length=4, mask_id=MASK,
+        out.append((p, pat.generate(p, gen_length=24 - Lp, block_length=4, steps=4, eos_id=EOS,
+                                    mask_id=MASK)))
+    return out
+
+
+@pytest.mark.parametrize("cache", ["exact", None])
+def test_our_block_sampler_gives_its_generate_tokens(llada2, own_tokens, cache):
+    _, pat = llada2
+    for p, own in own_tokens:
+        Lp = p.shape[1]
+        ours = block_generate(pat, p, gen_length=24 - Lp, block_length=4, mask_id=MASK,
                               eos_id=EOS, cache=cache)[0, Lp:]
         first = (ours == EOS).nonzero()
         ours = ours if len(first) == 0 else ours[:int(first[0]) + 1]
