@@ -2,14 +2,27 @@
 #   make bench   the main job: the benchmark suite (CSV + plots under benchmarks/results/),
 #                then the end-to-end demo (train a tiny LLaDA on CPU, sample every way)
 #   make test    the test suite (C++ CPU kernels, Triton interpreter, ahead-of-time compiles, CMake)
+# And CI's second run:
+#   make test-oldest   the oldest supported torch and Triton (requirements-oldest.txt) in
+#                .venv-oldest: the C++ CPU kernels built against that torch, in a copy of the
+#                tree (build-oldest/src, so the in-place build of `make test` stays), then the
+#                CPU tests, the Triton interpreter tests and the ahead-of-time compiles
 # Variables: PYTHON (python3.11+), LLADA_CUDA_ARCHS (default "8.0;9.0+PTX"), LLADA_NO_CUDA=1,
 # MAX_JOBS (parallel compile jobs, default: the core count).
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+OLDEST_VENV ?= .venv-oldest
+OLDEST_PY   := $(abspath $(OLDEST_VENV))/bin/python
+OLDEST_SRC  := build-oldest/src
+# What the oldest run leaves out: the CMake build and the model/sampler/trainer/demo tests
+# (pure Python on the ops, which the kernel tests cover against this torch).
+OLDEST_SKIP := --deselect tests/test_build.py::test_cmake_build_loads_the_same_ops \
+	--ignore=tests/test_demo.py --ignore=tests/test_trainer.py --ignore=tests/test_generate.py \
+	--ignore=tests/test_model.py --ignore=tests/test_cli_tokenizer.py
 
-.PHONY: test bench install clean
+.PHONY: test bench install clean test-oldest
 
 $(VENV)/.deps: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,5 +40,21 @@ bench: install
 	$(PY) benchmarks/run.py
 	$(VENV)/bin/llada-kernels demo
 
+$(OLDEST_VENV)/.deps: requirements.txt requirements-oldest.txt
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	sed -E '/^torch([<>=!~ ]|$$)/d' requirements.txt > $(OLDEST_VENV)/requirements-rest.txt
+	$(OLDEST_VENV)/bin/python -m pip install -q -r requirements-oldest.txt \
+		-r $(OLDEST_VENV)/requirements-rest.txt
+	touch $@
+
+test-oldest: $(OLDEST_VENV)/.deps
+	mkdir -p $(OLDEST_SRC)
+	tar -cf - --exclude=./.git --exclude='./.venv*' --exclude='./build*' --exclude='*.so' \
+		--exclude=./benchmarks/results . | tar -xf - -C $(OLDEST_SRC)
+	cd $(OLDEST_SRC) && LLADA_NO_CUDA=1 $(OLDEST_PY) setup.py build_ext --inplace -q
+	cd $(OLDEST_SRC) && $(OLDEST_PY) -c "import torch, triton, llada_kernels as lk; \
+		print('oldest run: torch', torch.__version__, 'triton', triton.__version__, lk.__file__)"
+	cd $(OLDEST_SRC) && LLADA_EXPECT_CUDA=0 $(OLDEST_PY) -m pytest $(OLDEST_SKIP)
+
 clean:
-	rm -rf build build-cmake *.egg-info llada_kernels/_C*.so
+	rm -rf build build-cmake build-oldest *.egg-info llada_kernels/_C*.so
