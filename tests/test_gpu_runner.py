@@ -8,11 +8,11 @@ results of the tests before it survive, and the report keeps only the GPU benchm
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -24,17 +24,36 @@ sys.path.insert(0, str(ROOT / "tests" / "gpu"))
 import report  # noqa: E402  (tests/gpu/report.py)
 
 
-@functools.cache
-def collect(path):
-    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
-                          "-p", "no:cacheprovider", str(path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return [line for line in out.stdout.splitlines() if "::" in line]
+def run_dry(tmp_path, **env):
+    out_dir = tmp_path / "out"
+    full_env = {**os.environ, "OUT": str(out_dir), "PYTHON": sys.executable, **env}
+    proc = subprocess.run(["bash", str(RUN), "--dry-run"], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=600)
+    summary = json.loads((out_dir / "summary.json").read_text())
+    return proc, summary, out_dir
 
 
-def test_gpu_tests_collect_and_cover_every_op_on_both_backends():
-    ids = collect("tests/gpu")
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    """run.sh --dry-run on tests/gpu, once for the tests below."""
+    return run_dry(tmp_path_factory.mktemp("dry"))
+
+
+def test_dry_run_passes_with_every_gpu_test_skipped(dry_run):
+    proc, summary, out_dir = dry_run
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert summary["ok"]
+    assert [s["name"] for s in summary["stages"]] == ["env", "build", "tests", "bench-collect"]
+    tests = summary["tests"]
+    junit = ET.parse(out_dir / "tests.xml").getroot()
+    assert tests["total"] == len(list(junit.iter("testcase"))) > 250
+    assert tests["skipped"] == tests["total"]
+    assert summary["machine"]["torch"] and summary["machine"]["cuda_available"] is False
+    assert "GPU check: PASS" in (out_dir / "run.log").read_text()
+
+
+def test_gpu_tests_cover_every_op_on_both_backends(dry_run):
+    ids = [r["nodeid"] for r in dry_run[1]["tests"]["results"]]
     for module, test in [("test_attention_gpu", "test_matches_reference"),
                          ("test_attention_gpu", "test_offsets_beyond_int32"),
                          ("test_masked_diffusion_loss_gpu", "test_logits_form"),
@@ -46,34 +65,17 @@ def test_gpu_tests_collect_and_cover_every_op_on_both_backends():
             assert any(f"{module}.py::{test}[" in i and backend in i for i in ids), \
                 (module, test, backend)
     assert any("test_every_device_draws_the_same_noise" in i for i in ids)
-    # every attention mask kind meets every head dimension of each backend, both dtypes
+    # every attention mask kind meets every head dimension of each backend, in both dtypes
     from llada_kernels.ops.attention import SUPPORTED
 
     attention = [i for i in ids if "test_attention_gpu.py::test_matches_reference[" in i]
     for backend in ("triton", "cuda"):
         dtypes, dims = SUPPORTED[backend]
-        assert sum(f"[{backend}-" in i for i in attention) >= len(dtypes) * len(dims) * 6
-
-
-def run_dry(tmp_path, **env):
-    out_dir = tmp_path / "out"
-    full_env = {**os.environ, "OUT": str(out_dir), "PYTHON": sys.executable, **env}
-    proc = subprocess.run(["bash", str(RUN), "--dry-run"], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=600)
-    summary = json.loads((out_dir / "summary.json").read_text())
-    return proc, summary, out_dir
-
-
-def test_dry_run_passes_with_every_gpu_test_skipped(tmp_path):
-    proc, summary, out_dir = run_dry(tmp_path)
-    assert proc.returncode == 0, proc.stdout[-4000:]
-    assert summary["ok"]
-    assert [s["name"] for s in summary["stages"]] == ["env", "build", "tests", "bench-collect"]
-    tests = summary["tests"]
-    assert tests["total"] == len(collect("tests/gpu")) and tests["skipped"] == tests["total"]
-    assert summary["machine"]["torch"] and summary["machine"]["cuda_available"] is False
-    assert (out_dir / "tests.xml").exists() and (out_dir / "run.log").exists()
-    assert "GPU check: PASS" in (out_dir / "run.log").read_text()
+        for dtype in dtypes:
+            for D in dims:
+                kinds = {i.split("-")[3] for i in attention
+                         if f"[{backend}-{str(dtype)[6:]}-d{D}-" in i}
+                assert len(kinds) >= 6, (backend, dtype, D, kinds)
 
 
 PLANTED = '''
@@ -94,7 +96,9 @@ def test_dry_run_reports_a_failure_and_a_hang_and_goes_on(tmp_path):
     tests = tmp_path / "planted"
     tests.mkdir()
     (tests / "test_planted.py").write_text(PLANTED)
-    proc, summary, _ = run_dry(tmp_path, GPU_CHECK_TESTS=str(tests), GPU_CHECK_TESTS_S="25")
+    (tests / "bench_planted.py").write_text("def test_bench():\n    pass\n")
+    proc, summary, _ = run_dry(tmp_path, GPU_CHECK_TESTS=str(tests), GPU_CHECK_TESTS_S="25",
+                               GPU_CHECK_BENCHMARKS=str(tests))
     assert proc.returncode == 1
     assert not summary["ok"]
     stages = {s["name"]: s for s in summary["stages"]}

@@ -11,7 +11,8 @@
 #
 # Stages, each in its own time box (seconds, overridable), all inside GPU_CHECK_TOTAL_S=450:
 #   env        versions, GPU and CPU -> summary.json's "machine"        GPU_CHECK_ENV_S=30
-#   build      setup.py build_ext --inplace for this GPU's arch only     GPU_CHECK_BUILD_S=200
+#   build      setup.py build_ext --inplace for this GPU's arch only (LLADA_CUDA_ARCHS, if
+#              set, instead)                                             GPU_CHECK_BUILD_S=200
 #   tests      pytest tests/gpu, in parallel where pytest-xdist is installed (the big-memory
 #              tests on one worker), 120 s a test where pytest-timeout is   GPU_CHECK_TESTS_S=170
 #   bench-*    benchmarks/run.py on CUDA tensors, one op per stage       GPU_CHECK_BENCH_S=60
@@ -23,7 +24,8 @@
 # GPU benchmark rows, the machine), tests.xml (junit), gpu-results.csv, run.log (everything
 # printed), build.log. Exit status 0 when every stage passed and no test failed.
 # Variables: PYTHON (python3), GPU_CHECK_TESTS (the tests to run, default tests/gpu),
-# GPU_CHECK_BENCH_FILTER (extra pytest -k for the benchmarks), the time boxes above.
+# GPU_CHECK_BENCH_FILTER (extra pytest -k for the benchmarks), GPU_CHECK_WORKERS (pytest-xdist
+# workers, 6), GPU_CHECK_BENCHMARKS (what --dry-run collects), the time boxes above.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -34,6 +36,7 @@ OUT=${OUT:-$ROOT/build/gpu-check/out}
 WORK=$(mktemp -d)  # what the stages leave for report.py
 trap 'rm -rf "$WORK"' EXIT
 TESTS=${GPU_CHECK_TESTS:-tests/gpu}
+BENCHMARKS=${GPU_CHECK_BENCHMARKS:-benchmarks}  # what --dry-run collects
 mkdir -p "$OUT"
 rm -f "$OUT"/summary.json "$OUT"/tests.xml "$OUT"/gpu-results.csv "$OUT"/build.log
 exec > >(tee "$OUT/run.log") 2>&1
@@ -127,14 +130,14 @@ if [ $DRY = 1 ]; then
   echo "== build (dry run, not run): LLADA_CUDA_ARCHS=<this GPU> MAX_JOBS=$(nproc) $PY setup.py build_ext --inplace"
   printf 'build\t0\t0\t0\n' >> "$WORK/stages.tsv"
   stage tests "${GPU_CHECK_TESTS_S:-170}" "${TEST_CMD[@]}"
-  stage bench-collect "${GPU_CHECK_BENCH_S:-60}" "$PY" -m pytest benchmarks --collect-only -qq \
+  stage bench-collect "${GPU_CHECK_BENCH_S:-60}" "$PY" -m pytest "$BENCHMARKS" --collect-only -qq \
     -p no:cacheprovider -o "python_files=bench_*.py"
 else
   build() {
     local arch
-    arch=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())') || {
+    arch=${LLADA_CUDA_ARCHS:-$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')} || {
       echo "no CUDA device visible to torch: nothing to build for"; return 2; }
-    echo "building for sm_${arch/./} with $(nproc) jobs against torch $("$PY" -c 'import torch; print(torch.__version__)')"
+    echo "building for $arch with $(nproc) jobs against torch $("$PY" -c 'import torch; print(torch.__version__)')"
     LLADA_CUDA_ARCHS=$arch MAX_JOBS=$(nproc) "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1
     local rc=$?
     tail -n 15 "$OUT/build.log"
