@@ -89,7 +89,7 @@ def main(work_dir: str, out_dir: str) -> int:
     print(f"== GPU check: {'PASS' if summary['ok'] else 'FAIL'}  ({out / 'summary.json'})")
     for s in summary["stages"]:
         state = "timed out" if s["timed_out"] else "ok" if s["rc"] == 0 else f"exit {s['rc']}"
-        print(f"   stage {s['name']:<14} {state:<10} {s['seconds']:>4} s (box {s['limit_s']} s)")
+        print(f"   stage {s['name']:<28} {state:<10} {s['seconds']:>4} s (box {s['limit_s']} s)")
     print(f"   tests: {t['passed']} passed, {t['failed']} failed, {t['error']} errors, "
           f"{t['skipped']} skipped")
     for f in t["failures"]:
