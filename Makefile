@@ -19,10 +19,12 @@ OLDEST_VENV ?= .venv-oldest
 OLDEST_PY   := $(abspath $(OLDEST_VENV))/bin/python
 OLDEST_SRC  := build-oldest/src
 # What the oldest run leaves out (about half the suite's time): the demo (a training run), the
-# CMake build (setup.py's build is the one tested against this torch) and the three statistical
-# sampling tests of the Triton kernels under the interpreter (their numerics are the newest
-# run's; the oldest run still runs every other Triton test, sampling included).
-OLDEST_SKIP := --ignore=tests/test_demo.py \
+# CMake build (setup.py's build is the one tested against this torch), the CUDA kernels on the
+# host emulation (their device code does not depend on torch; the newest run has them) and the
+# three statistical sampling tests of the Triton kernels under the interpreter (their numerics
+# are the newest run's; the oldest run still runs every other Triton test, sampling included).
+OLDEST_SKIP := --ignore=tests/test_demo.py --ignore=tests/test_cuda_host.py \
+	--ignore=tests/test_cuda_host_layer.py \
 	--deselect tests/test_build.py::test_cmake_build_loads_the_same_ops \
 	-k "not (triton and (random_remasking_picks_uniformly or sampling_frequencies_match_softmax))"
 
