@@ -43,7 +43,8 @@ def test_dry_run_passes_with_every_gpu_test_skipped(dry_run):
     proc, summary, out_dir = dry_run
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert summary["ok"]
-    assert [s["name"] for s in summary["stages"]] == ["env", "build", "tests", "bench-collect"]
+    assert [s["name"] for s in summary["stages"]] == ["env", "build", "tests", "contract",
+                                                      "bench-collect"]
     tests = summary["tests"]
     junit = ET.parse(out_dir / "tests.xml").getroot()
     assert tests["total"] == len(list(junit.iter("testcase"))) > 250

@@ -15,13 +15,15 @@
 #              set, instead)                                             GPU_CHECK_BUILD_S=200
 #   tests      pytest tests/gpu, in parallel where pytest-xdist is installed (the big-memory
 #              tests on one worker), 120 s a test where pytest-timeout is   GPU_CHECK_TESTS_S=170
+#   contract   the non-finite contract's table on CUDA tensors (tests/test_contract.py, its
+#              cuda-reference, cuda-triton and cuda-cuda rows)               GPU_CHECK_CONTRACT_S=60
 #   bench-*    benchmarks/run.py on CUDA tensors, one op per stage       GPU_CHECK_BENCH_S=60
 # A failed or timed-out stage does not stop the next ones: the benchmarks run whatever the
 # tests did. Only a failed build stops the GPU stages (there is nothing to run). A stage that
 # would pass the total box is cut to what is left of it (or not run).
 #
 # Output in $OUT (default build/gpu-check/out): summary.json (stages, per-test results, the
-# GPU benchmark rows, the machine), tests.xml (junit), gpu-results.csv, run.log (everything
+# GPU benchmark rows, the machine), tests.xml and contract.xml (junit), gpu-results.csv, run.log (everything
 # printed), build.log. Exit status 0 when every stage passed and no test failed.
 # Variables: PYTHON (python3), GPU_CHECK_TESTS (the tests to run, default tests/gpu),
 # GPU_CHECK_BENCH_FILTER (extra pytest -k for the benchmarks), GPU_CHECK_WORKERS (pytest-xdist
@@ -38,7 +40,7 @@ trap 'rm -rf "$WORK"' EXIT
 TESTS=${GPU_CHECK_TESTS:-tests/gpu}
 BENCHMARKS=${GPU_CHECK_BENCHMARKS:-benchmarks}  # what --dry-run collects
 mkdir -p "$OUT"
-rm -f "$OUT"/summary.json "$OUT"/tests.xml "$OUT"/gpu-results.csv "$OUT"/build.log
+rm -f "$OUT"/summary.json "$OUT"/tests.xml "$OUT"/contract.xml "$OUT"/gpu-results.csv "$OUT"/build.log
 exec > >(tee "$OUT/run.log") 2>&1
 TEE=$!
 export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT/tests/gpu${PYTHONPATH:+:$PYTHONPATH}"
@@ -126,10 +128,29 @@ TEST_CMD=("$PY" -m pytest "$TESTS" -p no:cacheprovider -p gpu_progress -q -rfE
           --gpu-progress="$WORK/tests.jsonl" --junitxml="$OUT/tests.xml" "${TIMEOUT_ARGS[@]}"
           "${XDIST_ARGS[@]}")
 
+# The non-finite contract's table (tests/test_contract.py) on CUDA tensors: its cuda-* rows.
+contract() {
+  local per_test=""
+  "$PY" -c "import pytest_timeout" 2>/dev/null && per_test="-p pytest_timeout --timeout=120"
+  # shellcheck disable=SC2086
+  "$PY" -m pytest tests/test_contract.py -k "cuda-reference or cuda-triton or cuda-cuda" \
+    -p no:cacheprovider -p gpu_progress -q -rfE --gpu-progress="$WORK/tests.jsonl" \
+    --junitxml="$OUT/contract.xml" $per_test
+  local rc=$?
+  if [ $DRY = 1 ] && [ $rc = 5 ]; then  # no CUDA tensors in a dry run: nothing selected
+    echo "(dry run: the contract's CUDA rows are not collected without a GPU)"
+    return 0
+  fi
+  return $rc
+}
+export -f contract
+export DRY
+
 if [ $DRY = 1 ]; then
   echo "== build (dry run, not run): LLADA_CUDA_ARCHS=<this GPU> MAX_JOBS=$(nproc) $PY setup.py build_ext --inplace"
   printf 'build\t0\t0\t0\n' >> "$WORK/stages.tsv"
   stage tests "${GPU_CHECK_TESTS_S:-170}" "${TEST_CMD[@]}"
+  stage contract "${GPU_CHECK_CONTRACT_S:-60}" bash -c contract
   stage bench-collect "${GPU_CHECK_BENCH_S:-60}" "$PY" -m pytest "$BENCHMARKS" --collect-only -qq \
     -p no:cacheprovider -o "python_files=bench_*.py"
 else
@@ -147,6 +168,7 @@ else
   export -f build
   if stage build "${GPU_CHECK_BUILD_S:-200}" bash -c build; then
     stage tests "${GPU_CHECK_TESTS_S:-170}" "${TEST_CMD[@]}"
+    stage contract "${GPU_CHECK_CONTRACT_S:-60}" bash -c contract
     rm -f benchmarks/results/raw.json
     BOX=${GPU_CHECK_BENCH_S:-60}
     # One op (or one part of attention) per stage: run.py writes its CSV when it ends, so a
