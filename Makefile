@@ -55,6 +55,7 @@ $(OLDEST_VENV)/.deps: requirements.txt requirements-oldest.txt
 
 test-oldest: $(OLDEST_VENV)/.deps
 	mkdir -p $(OLDEST_SRC)
+	find $(OLDEST_SRC) -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +  # keep ninja's objects
 	tar -cf - --exclude=./.git --exclude='./.venv*' --exclude='./build*' --exclude='*.so' \
 		--exclude=./benchmarks/results . | tar -xf - -C $(OLDEST_SRC)
 	cd $(OLDEST_SRC) && LLADA_NO_CUDA=1 $(OLDEST_PY) setup.py build_ext --inplace -q
