@@ -17,7 +17,9 @@ Block diffusion (issue 11), the same models with config.block_size = 8:
           recomputing the whole block-causal window every step (what diffusers' LLaDA2Pipeline
           does, on our ops); ours_exact_cache = block_generate with the exact KV cache;
           llada1_generate = LLaDA 1's sampler (generate, no cache) on the same weights in
-          bidirectional mode, with the same number of model calls.
+          bidirectional mode, with the same number of model calls. Two prompt lengths: 32
+          (the window is short, so recomputing it costs little) and 480 (a chat-sized prompt:
+          every step of the recompute runs all 512 positions, the cache only the block).
   e2e_block_train_step   the 2L step at L = 1024 on the small model: eager = dFactory's
           (reference/block_diffusion.py: a dense float [2L, 2L] mask, SDPA in every layer,
           full [B, 2L, V] logits); ours = training.block_diffusion_loss_from_noise (the 2L
@@ -110,14 +112,15 @@ def test_training_step(benchmark, provider, device, model_name):
             shape=f"B={TRAIN_B} L={TRAIN_L}", dtype=torch.float32, device=device, rounds=10)
 
 
+@pytest.mark.parametrize("prompt_len", [PROMPT, 480])
 @pytest.mark.parametrize("model_name", list(MODELS))
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("provider", ["eager", "ours_exact_cache", "llada1_generate"])
-def test_block_sampling(benchmark, provider, device, model_name):
+def test_block_sampling(benchmark, provider, device, model_name, prompt_len):
     model, mask = build(model_name, device, block_size=None if provider == "llada1_generate" else BLOCK)
     model.eval()
     g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, mask, (B, PROMPT), generator=g).to(device)
+    prompt = torch.randint(0, mask, (B, prompt_len), generator=g).to(device)
     am = torch.ones_like(prompt)
     am[1, :5] = 0
     if provider == "llada1_generate":
@@ -131,7 +134,7 @@ def test_block_sampling(benchmark, provider, device, model_name):
             return block_generate(model, prompt, am, gen_length=GEN, steps=BLOCK, threshold=None,
                                   mask_id=mask, cache=cache)
     measure(benchmark, fn, op=f"e2e_block_sampling[{model_name}]", provider=provider,
-            shape=f"B={B} prompt={PROMPT} gen={GEN} block={BLOCK} steps/block={BLOCK}",
+            shape=f"B={B} prompt={prompt_len} gen={GEN} block={BLOCK} steps/block={BLOCK}",
             dtype=torch.float32, device=device, rounds=10)
 
 
