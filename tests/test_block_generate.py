@@ -17,7 +17,8 @@ V, MASK, EOS, PAD = 64, 63, 61, 60
 
 def block_model(block_size=4, seed=0, scale=10.0):
     """A tiny random block-diffusion model with large weights: its confidences are spread
-    out (thresholds and top-k boundaries free of near-ties), and it never predicts MASK."""
+    out (top-k boundaries free of near-ties; at scale 10 they lie between about 0.08 and
+    0.25, so the thresholds of the cases below are 0.12-0.15), and it never predicts MASK."""
     torch.manual_seed(seed)
     cfg = LLaDAConfig(d_model=64, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=96,
                       vocab_size=V, embedding_size=V, max_sequence_length=128,
@@ -50,11 +51,11 @@ def batch(B=3, Lp=10, seed=0):
 
 CASES = {
     "top-k": dict(threshold=None),
-    "threshold": dict(threshold=0.6),
+    "threshold": dict(threshold=0.12),
     "few-steps": dict(threshold=None, steps=3),
-    "editing": dict(threshold=0.6, editing_threshold=0.3),
-    "eos": dict(threshold=0.3, stop_at_eos=True),
-    "sampler-block-8": dict(threshold=0.6, block_length=8),
+    "editing": dict(threshold=0.12, editing_threshold=0.3),
+    "eos": dict(threshold=0.15, stop_at_eos=True),
+    "sampler-block-8": dict(threshold=0.12, block_length=8),
 }
 
 
@@ -70,6 +71,18 @@ def test_cache_gives_the_tokens_of_the_full_recompute(model, case):
     assert torch.equal(x[:, :10], prompt)
     assert not (x[:, 10:] == MASK).any()
     assert len(st.calls_per_block) >= 2 and max(st.calls_per_block) > 1
+
+
+def test_the_cases_exercise_threshold_and_editing(model):
+    """The threshold commits more than the schedule (fewer calls, other tokens than top-k);
+    editing changes committed tokens (more calls, other tokens): a case that changed nothing
+    would make the comparisons above vacuous."""
+    prompt, am = batch()
+    runs = {c: block_generate(model, prompt, am, gen_length=13, return_stats=True, **CASES[c])
+            for c in ("top-k", "threshold", "editing")}
+    (xk, sk), (xt, st), (xe, se) = runs["top-k"], runs["threshold"], runs["editing"]
+    assert sum(st.calls_per_block) < sum(sk.calls_per_block) and not torch.equal(xt, xk)
+    assert sum(se.calls_per_block) > sum(st.calls_per_block) and not torch.equal(xe, xt)
 
 
 def test_cache_with_temperature_and_a_generator(model):
@@ -106,9 +119,9 @@ def test_a_cache_from_the_last_denoising_step_is_caught(model, monkeypatch):
 
 def test_stop_at_eos_keeps_running_rows_and_pads_finished_ones(model):
     prompt, am = batch()
-    x, st = block_generate(model, prompt, am, gen_length=13, threshold=0.3, stop_at_eos=True,
+    x, st = block_generate(model, prompt, am, gen_length=13, threshold=0.15, stop_at_eos=True,
                            return_stats=True)
-    full = block_generate(model, prompt, am, gen_length=13, threshold=0.3)
+    full = block_generate(model, prompt, am, gen_length=13, threshold=0.15)
     gen, gen_full = x[:, 10:], full[:, 10:]
     finished = (gen == EOS).any(1)
     assert finished.any() and not finished.all(), "the case must finish some rows, not all"
@@ -150,11 +163,11 @@ def test_one_step_is_llada2s_rule(model, monkeypatch):
 
     monkeypatch.setattr(bg, "remask_step", spy)
     prompt, am = batch()
-    block_generate(model, prompt, am, gen_length=13, threshold=0.6, steps=3)
+    block_generate(model, prompt, am, gen_length=13, threshold=0.12, steps=3)
     assert len(seen) > 4
     for logits, x, k, new in seen:
         for b in range(x.shape[0]):
-            assert torch.equal(new[b], llada2_step(logits[b], x[b], k, 0.6))
+            assert torch.equal(new[b], llada2_step(logits[b], x[b], k, 0.12))
 
 
 def test_transfer_schedule():
