@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import llada_kernels as lk
 from llada_kernels import _backend
+from llada_kernels.ops.attention import padding_masks
 from llada_kernels.reference import attention as ref
 
 FLOOR = {torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
@@ -139,7 +140,9 @@ def test_reference_gradients_zero_on_empty_rows():
 
 # ---- the C++ CPU kernels ------------------------------------------------------------------
 
-needs_cpu = pytest.mark.skipif("cpu" not in lk.available_backends("bidirectional_attention_fwd", "cpu"),
+# The CPU kernel implements the structured-mask schema (attention_fwd); the public op turns the
+# key-padding mask into its vectors (ops/attention.py: padding_masks).
+needs_cpu = pytest.mark.skipif("cpu" not in lk.available_backends("attention_fwd", "cpu"),
                                reason="llada_kernels._C has no CPU kernel")
 
 
@@ -181,7 +184,7 @@ def test_cpu_backward_key_chunks(threads, kind):
 def test_cpu_lse_and_scale():
     q, k, v, gen = make_inputs(2, 4, 2, 17, 70, 32, torch.float32)
     mask = make_mask("empty_row", 2, 70, gen)
-    out, lse = torch.ops.llada.bidirectional_attention_fwd(q, k, v, mask, 0.3)
+    out, lse = torch.ops.llada.attention_fwd(q, k, v, *padding_masks(mask, 17), 0.3)
     r_out, r_lse = ref.bidirectional_attention(q.double(), k.double(), v.double(), mask, 0.3,
                                                return_lse=True)
     torch.testing.assert_close(out, r_out.float(), rtol=0, atol=2e-6)
@@ -204,7 +207,7 @@ def test_opcheck(masked):
     q, k, v, gen = make_inputs(2, 4, 2, 9, 13, 16, torch.float32)
     mask = make_mask("empty_row", 2, 13, gen) if masked else None
     q, k, v = (x.requires_grad_() for x in (q, k, v))
-    torch.library.opcheck(torch.ops.llada.bidirectional_attention_fwd, (q, k, v, mask, 0.25))
+    torch.library.opcheck(torch.ops.llada.attention_fwd, (q, k, v, *padding_masks(mask, 9), 0.25))
 
 
 @needs_cpu

@@ -11,6 +11,10 @@ from ..reference import attention as reference
 
 OP = "bidirectional_attention"
 KERNEL = "bidirectional_attention_fwd"  # the schema whose kernels _backend looks up
+# The CPU kernel implements the structured-mask schema (csrc/ops.cpp, attention_fwd/bwd); the
+# key-padding mask becomes its (q_mask, k_mask) vectors.
+CPU_KERNEL = "attention_fwd"
+INT32_MAX = 2**31 - 1
 
 # What each compiled backend runs: (dtypes, head dims). The reference runs anything.
 SUPPORTED = {
@@ -56,7 +60,7 @@ def bidirectional_attention(
         out: [B, Hq, Lq, D], q's dtype, contiguous. Accumulation is in fp32.
     """
     B, Hq, Lq, D, Hkv, Lk = _check(q, k, v, key_padding_mask)
-    name = _backend.resolve(KERNEL, backend, q.device)
+    name = _backend.resolve(CPU_KERNEL if q.device.type == "cpu" else KERNEL, backend, q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if not math.isfinite(scale):
         _checks.fail(OP, f"scale must be finite; got {scale}")
@@ -66,11 +70,27 @@ def bidirectional_attention(
     dtypes, head_dims = SUPPORTED[name]
     _checks.check_in(OP, "q.dtype", q.dtype, dtypes, f" on the {name} backend")
     _checks.check_in(OP, "the head dimension D", D, head_dims, f" on the {name} backend")
+    q, k, v = _checks.unit_stride(q), _checks.unit_stride(k), _checks.unit_stride(v)
+    if name == "cpu":
+        q_mask, k_mask = padding_masks(key_padding_mask, Lq)
+        return torch.ops.llada.attention_fwd(q, k, v, q_mask, k_mask, scale)[0]
     mask = None if key_padding_mask is None else key_padding_mask.contiguous()
     fwd = (torch.ops.llada.bidirectional_attention_fwd_triton if name == "triton"
            else torch.ops.llada.bidirectional_attention_fwd)
-    out, _ = fwd(_checks.unit_stride(q), _checks.unit_stride(k), _checks.unit_stride(v), mask, scale)
-    return out
+    return fwd(q, k, v, mask, scale)[0]
+
+
+def padding_masks(key_padding_mask, Lq):
+    """The structured-mask vectors of a key-padding mask [B, Lk] (None: None, None): every query
+    has doc 0 and level 0; an attended key has doc 0 and [lo, hi] = [0, INT32_MAX], a padded
+    one the empty interval [1, 0]. Returns q_mask [B, 2, Lq] and k_mask [B, 3, Lk], int32."""
+    if key_padding_mask is None:
+        return None, None
+    B, Lk = key_padding_mask.shape
+    q_mask = torch.zeros(B, 2, Lq, dtype=torch.int32, device=key_padding_mask.device)
+    on = key_padding_mask.to(torch.int32)
+    k_mask = torch.stack([torch.zeros_like(on), 1 - on, on * INT32_MAX], dim=1)
+    return q_mask, k_mask
 
 
 def _check(q, k, v, key_padding_mask):
@@ -123,7 +143,35 @@ def _make_backward(bwd):
     return backward
 
 
+def _attention_fwd_fake(q, k, v, q_mask, k_mask, scale):
+    return _fwd_fake(q, k, v, None, scale)
+
+
+def _attention_bwd_fake(grad_out, q, k, v, q_mask, k_mask, out, lse, scale):
+    return _bwd_fake(grad_out, q, k, v, None, out, lse, scale)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, q_mask, k_mask, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, q_mask, k_mask, out, lse)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, q_mask, k_mask, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.llada.attention_bwd(_checks.unit_stride(grad_out), q, k, v, q_mask,
+                                               k_mask, out, lse, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
 def register():
+    # The structured-mask schema (its CPU kernel; the public API for it is being built apart).
+    torch.library.register_fake("llada::attention_fwd")(_attention_fwd_fake)
+    torch.library.register_fake("llada::attention_bwd")(_attention_bwd_fake)
+    torch.library.register_autograd("llada::attention_fwd", _attention_backward,
+                                    setup_context=_attention_setup_context)
     for suffix in ("", "_triton"):
         fwd = f"llada::bidirectional_attention_fwd{suffix}"
         bwd = f"llada::bidirectional_attention_bwd{suffix}"
