@@ -1,7 +1,7 @@
 // The backward of llada::attention_fwd on the CPU: llada::attention_bwd (schema: csrc/ops.cpp;
 // what it shares with the forward, and the notation: attention.h).
 //
-// With delta_i = sum_d dO_id O_id (one pass over dO and O first):
+// With delta_i = sum_d dO_id O_id (one pass over dO and O first, see delta_kernel):
 //   P = exp(S - lse),  dP = dO V^T,  dS = P (dP - delta),
 //   dV = P^T dO,  dK = scale dS^T Q,  dQ = scale dS K
 // in one pass of five products per (query tile, key tile) pair that the mask does not skip,
@@ -26,20 +26,29 @@ namespace CPU_CAPABILITY {
 namespace {
 
 constexpr int64_t kBM = 64;  // query tile (a multiple of 2 kW)
+static_assert(kBM == kBN, "delta_kernel's product must have the shape of dP^T's");
 
-// delta[b, h, i] = sum_d dO[b, h, i, d] O[b, h, i, d], in fp32.
-template <typename T>
-void delta_kernel(const at::Tensor& dout_, const at::Tensor& out_, float* delta) {
+// delta[b, h, i] = sum_d dO[b, h, i, d] O[b, h, i, d], in fp32, by the very product that forms
+// dP^T = V dO^T in the backward (same packing, same brgemm shape: the diagonal of O dO^T). Where
+// one key dominates a row, O is that key's value row bit for bit, so dP - delta is exactly 0
+// there and dS = 0: no rounding noise for |Q| (up to 1e30) to multiply into dK and dQ.
+template <typename T, typename C>
+void delta_kernel(const at::Tensor& dout_, const at::Tensor& out_, int64_t Kd, float* delta) {
   const Rows<const T> dout(dout_), out(out_);
   const int64_t H = out_.size(1), L = out_.size(2), D = out_.size(3);
-  at::parallel_for(0, out_.size(0) * H * L, 256, [&](int64_t begin, int64_t end) {
+  const int64_t q_tiles = ceil_div(L, kBM);
+  at::parallel_for(0, out_.size(0) * H * q_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<C> o(kBM * Kd), dot(Kd * kBM);
+    std::vector<float> prod(kBM * kBM);
     for (int64_t i = begin; i < end; ++i) {
-      const T* a = dout.row(i / (H * L), i / L % H, i % L);
-      const T* o = out.row(i / (H * L), i / L % H, i % L);
-      float acc = 0.f;
-      for (int64_t d = 0; d < D; ++d) acc += static_cast<float>(a[d]) * static_cast<float>(o[d]);
-      delta[i] = acc;
+      const int64_t b = i / (H * q_tiles), h = i / q_tiles % H, m0 = i % q_tiles * kBM;
+      const int64_t rows = std::min(kBM, L - m0);
+      pack_a<C>(o.data(), Kd, out, b, h, m0, rows, kBM, D);
+      pack_b_cols<C>(dot.data(), kBM, dout, b, h, m0, rows, D, Kd);
+      gemm(kBM, kBM, Kd, o.data(), Kd, dot.data(), kBM, prod.data(), kBM, false);
+      for (int64_t r = 0; r < rows; ++r) delta[(b * H + h) * L + m0 + r] = prod[r * kBM + r];
     }
+    release_products<C>();
   });
 }
 
@@ -258,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   const auto run = [&](auto t_tag, auto c_tag) {
     using T = decltype(t_tag);
     using C = decltype(c_tag);
-    delta_kernel<T>(grad_out, out, delta.data_ptr<float>());
+    delta_kernel<T, C>(grad_out, out, round_up(q.size(3), kPair<C>), delta.data_ptr<float>());
     backward<T, C>(grad_out, q, k, v, m, lse.data_ptr<float>(), delta.data_ptr<float>(), sc, dq,
                    dk, dv);
   };
