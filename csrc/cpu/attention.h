@@ -23,11 +23,11 @@
 // A key tile that runs past Lk is never full: its missing keys are masked.
 //
 // Exactness at huge scores. The backward recomputes S with the same operands and the same
-// products as the forward (packed identically, same reduction order), and every exponent is
-// formed as (s - m) or (s - lse) first, in nats, then scaled to base 2: when one score dominates a
-// row, s - lse is exactly 0 there in both passes (no rounding of s log2(e) against lse log2(e)).
-// The scale multiplies the product in its own rounding (the product is stored before the
-// subtraction, so no compiler may fuse the two). The backward clamps the exponent at 0 (P <= 1).
+// products as the forward (Q packed alike in both, same reduction order, the scale applied alike),
+// and
+// every exponent is formed as (s - m) or (s - lse) first, in nats, then scaled to base 2: when one
+// score dominates a row, s - lse is exactly 0 there in both passes (no rounding of s log2(e)
+// against lse log2(e)). The backward clamps the exponent at 0 (P <= 1).
 
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
@@ -141,20 +141,22 @@ struct Dims {
         Lk(k.size(2)), D(q.size(3)) {}
 };
 
+// x in the compute type, times scale (1 for everything but Q, whose packings all carry the
+// softmax scale: the forward and the backward then form the very same scores).
 template <typename C, typename T>
-inline C to_compute(T x) {
-  return static_cast<C>(static_cast<float>(x));
+inline C to_compute(T x, float scale) {
+  return static_cast<C>(scale * static_cast<float>(x));
 }
 
 // An A operand [rows_pad x ld] (row-major): rows r0 .. r0 + rows of (b, h), zero elsewhere.
 template <typename C, typename T>
 void pack_a(C* dst, int64_t ld, const Rows<const T>& src, int64_t b, int64_t h, int64_t r0,
-            int64_t rows, int64_t rows_pad, int64_t D) {
+            int64_t rows, int64_t rows_pad, int64_t D, float scale = 1.f) {
   std::fill(dst, dst + rows_pad * ld, C(0));
   for (int64_t r = 0; r < rows; ++r) {
     const T* in = src.row(b, h, r0 + r);
     C* out = dst + r * ld;
-    for (int64_t d = 0; d < D; ++d) out[d] = to_compute<C>(in[d]);
+    for (int64_t d = 0; d < D; ++d) out[d] = to_compute<C>(in[d], scale);
   }
 }
 
@@ -165,7 +167,7 @@ void pack_a_transposed(C* dst, int64_t ld, const Rows<const T>& src, int64_t b, 
   std::fill(dst, dst + D * ld, C(0));
   for (int64_t r = 0; r < rows; ++r) {
     const T* in = src.row(b, h, r0 + r);
-    for (int64_t d = 0; d < D; ++d) dst[d * ld + r] = to_compute<C>(in[d]);
+    for (int64_t d = 0; d < D; ++d) dst[d * ld + r] = to_compute<C>(in[d], 1.f);
   }
 }
 
@@ -173,11 +175,11 @@ void pack_a_transposed(C* dst, int64_t ld, const Rows<const T>& src, int64_t b, 
 // (zero past rows), N = ld = D.
 template <typename C, typename T>
 void pack_b_rows(C* dst, const Rows<const T>& src, int64_t b, int64_t h, int64_t r0,
-                 int64_t rows, int64_t rows_pad, int64_t D) {
+                 int64_t rows, int64_t rows_pad, int64_t D, float scale = 1.f) {
   std::fill(dst, dst + rows_pad * D, C(0));
   for (int64_t r = 0; r < rows; ++r) {
     const T* in = src.row(b, h, r0 + r);
-    for (int64_t d = 0; d < D; ++d) dst[b_index<C>(r, d, D)] = to_compute<C>(in[d]);
+    for (int64_t d = 0; d < D; ++d) dst[b_index<C>(r, d, D)] = to_compute<C>(in[d], scale);
   }
 }
 
@@ -185,11 +187,11 @@ void pack_b_rows(C* dst, const Rows<const T>& src, int64_t b, int64_t h, int64_t
 // N = ld (zero past rows).
 template <typename C, typename T>
 void pack_b_cols(C* dst, int64_t ld, const Rows<const T>& src, int64_t b, int64_t h, int64_t r0,
-                 int64_t rows, int64_t D, int64_t Kd) {
+                 int64_t rows, int64_t D, int64_t Kd, float scale = 1.f) {
   std::fill(dst, dst + Kd * ld, C(0));
   for (int64_t r = 0; r < rows; ++r) {
     const T* in = src.row(b, h, r0 + r);
-    for (int64_t d = 0; d < D; ++d) dst[b_index<C>(d, r, ld)] = to_compute<C>(in[d]);
+    for (int64_t d = 0; d < D; ++d) dst[b_index<C>(d, r, ld)] = to_compute<C>(in[d], scale);
   }
 }
 
@@ -288,13 +290,26 @@ inline KeyTiles key_tiles(const Mask& m, int64_t B) {
   return kt;
 }
 
-// +inf where visible, -inf where not, from an int mask of the lanes that are not visible:
-// min(s, bias) masks a score without a select.
-inline Vec bias_from(const IVec& hidden) {
-  return at::vec::cast<float>(IVec(0x7f800000) | (hidden & IVec(std::numeric_limits<int32_t>::min())));
-}
-
 // ---- arithmetic --------------------------------------------------------------------------
+
+// fp32 products take the softmax scale in the packed Q (one rounding of scale q, as eager's q
+// @ k then * scale has one); bf16 products apply it to the fp32 scores instead, as
+// FlashAttention does, so that scale q is not rounded to bf16.
+template <typename C>
+constexpr bool kScaleInQ = std::is_same_v<C, float>;
+
+// v, hidden from the compiler: a product stored through it is never fused with a following
+// subtraction into one rounding (the scores must come out of the forward and the backward
+// alike). Only the AVX512 copy multiplies in bf16, so only its registers need it.
+inline Vec opaque(Vec v) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
+  __m512 r = v;
+  asm("" : "+v"(r));
+  return Vec(r);
+#else
+  return v;
+#endif
+}
 
 // 2^x for x <= 0: within 2 ulp (1.7 measured) for normal results, x >= -126; exactly 0 for
 // x < -126.5 (-inf included). 2^x = 2^n 2^f with n = round(x), f in [-1/2, 1/2], 2^f a degree-6
@@ -316,17 +331,11 @@ inline Vec exp2v(Vec x) {
 }
 
 inline float hmax(Vec v) {
-  float t[kW];
-  v.store(t);
-  return *std::max_element(t, t + kW);
+  return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, v);
 }
 
 inline float hsum(Vec v) {
-  float t[kW];
-  v.store(t);
-  float s = 0.f;
-  for (int64_t i = 0; i < kW; ++i) s += t[i];
-  return s;
+  return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, v);
 }
 
 // ---- scheduling --------------------------------------------------------------------------

@@ -5,7 +5,7 @@
 //   P = exp(S - lse),  dP = dO V^T,  dS = P (dP - delta),
 //   dV = P^T dO,  dK = scale dS^T Q,  dQ = scale dS K
 // in one pass of five products per (query tile, key tile) pair that the mask does not skip,
-// every one a row-major brgemm without transposes:
+// every one a row-major brgemm without transposes (the scale as in the forward, attention.h):
 //   S^T = K Q^T,  dP^T = V dO^T,  dV += P^T dO,  dK += dS^T Q,  dQ^T += K^T dS^T
 // (Q^T and dO^T are packed once per query tile; K, V, K^T once per key tile.)
 //
@@ -81,25 +81,24 @@ struct Scratch {
 // One (query tile, key tile) pair's probabilities and score gradients, in place over S^T
 // (becomes P^T) and dP^T (becomes dS^T). Row j is key j; column i is query i.
 // qdoc, level, lse, delta: the query tile's [kBM]; kdoc, lo, hi: the key tile's [kBN].
+template <typename C, bool kPartial>
 void probabilities(float* st, float* dpt, const int32_t* qdoc, const int32_t* level_,
-                   const float* lse, const float* delta, float scale, bool partial,
-                   const int32_t* kdoc, const int32_t* lo, const int32_t* hi) {
-  const Vec vscale(scale), vlog2e(kLog2e), zero(0.f);
+                   const float* lse, const float* delta, float scale, const int32_t* kdoc,
+                   const int32_t* lo, const int32_t* hi) {
+  const Vec vlog2e(kLog2e), zero(0.f), vscale(scale);
   for (int64_t j = 0; j < kBN; ++j) {
     float* S = st + j * kBM;
     float* dP = dpt + j * kBM;
     const IVec vd(kdoc[j]), vlo(lo[j]), vhi(hi[j]);
-    for (int64_t i = 0; i < kBM; i += kW) {  // s = scale q.k, masked
-      Vec x = Vec::loadu(S + i) * vscale;
-      if (partial) {
+    for (int64_t i = 0; i < kBM; i += kW) {
+      Vec s = Vec::loadu(S + i);  // scale q.k, or q.k
+      if constexpr (!kScaleInQ<C>) s = opaque(s * vscale);
+      if constexpr (kPartial) {
         const IVec level = IVec::loadu(level_ + i);
         const IVec hidden = (IVec::loadu(qdoc + i) != vd) | (level < vlo) | (level > vhi);
-        x = at::vec::minimum(x, bias_from(hidden));
+        s = Vec::blendv(s, Vec(-kInf), at::vec::cast<float>(hidden));
       }
-      x.store(S + i);  // stored before the next loop subtracts lse: never fused with it
-    }
-    for (int64_t i = 0; i < kBM; i += kW) {
-      const Vec x = (Vec::loadu(S + i) - Vec::loadu(lse + i)) * vlog2e;
+      const Vec x = (s - Vec::loadu(lse + i)) * vlog2e;
       const Vec p = exp2v(at::vec::minimum(x, zero));  // e^(s - lse) <= 1
       p.store(S + i);
       (p * (Vec::loadu(dP + i) - Vec::loadu(delta + i))).store(dP + i);  // dS^T
@@ -170,9 +169,10 @@ void backward(const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k
               write_dq(nullptr, b, h, m0, rows, c);
               continue;
             }
-            pack_b_cols<C>(w.qt.data(), kBM, q, b, h, m0, rows, D, Kd);
+            const float q_scale = kScaleInQ<C> ? scale : 1.f;
+            pack_b_cols<C>(w.qt.data(), kBM, q, b, h, m0, rows, D, Kd, q_scale);
             pack_b_cols<C>(w.dot.data(), kBM, dout, b, h, m0, rows, D, Kd);
-            pack_b_rows<C>(w.qs.data(), q, b, h, m0, rows, kBM, D);
+            pack_b_rows<C>(w.qs.data(), q, b, h, m0, rows, kBM, D, q_scale);
             pack_b_rows<C>(w.dos.data(), dout, b, h, m0, rows, kBM, D);
             const int64_t row0 = (b * s.Hq + h) * s.Lq + m0;
             for (int64_t i = 0; i < kBM; ++i) {  // padded query rows get P = 0
@@ -190,10 +190,10 @@ void backward(const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k
               const C* V = w.v.data() + t * kBN * Kd;
               gemm(kBN, kBM, Kd, K, Kd, w.qt.data(), kBM, w.st.data(), kBM, false);   // S^T
               gemm(kBN, kBM, Kd, V, Kd, w.dot.data(), kBM, w.dpt.data(), kBM, false); // dP^T
-              probabilities(w.st.data(), w.dpt.data(), w.qdoc.data(), w.level.data(),
-                            w.lse.data(), w.delta.data(), scale, w.kinds[t] == Kind::kPartial,
-                            keys.tile_doc(b, t0 + t), keys.tile_lo(b, t0 + t),
-                            keys.tile_hi(b, t0 + t));
+              (w.kinds[t] == Kind::kPartial ? probabilities<C, true> : probabilities<C, false>)(
+                  w.st.data(), w.dpt.data(), w.qdoc.data(), w.level.data(), w.lse.data(),
+                  w.delta.data(), scale, keys.tile_doc(b, t0 + t), keys.tile_lo(b, t0 + t),
+                  keys.tile_hi(b, t0 + t));
               const C* Pt = w.pt.data();
               const C* dSt = w.dst.data();
               const C* dSt_b = w.dst_b.data();
@@ -202,9 +202,12 @@ void backward(const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k
               } else {
                 store_row(w.pt.data(), w.st.data(), kBN * kBM);
                 store_row(w.dst.data(), w.dpt.data(), kBN * kBM);
-                for (int64_t j = 0; j < kBN; ++j)  // dS^T again, in VNNI pairs of keys
-                  for (int64_t i = 0; i < kBM; ++i)
-                    w.dst_b[b_index<C>(j, i, kBM)] = w.dst[j * kBM + i];
+                for (int64_t j = 0; j < kBN; j += 2) {  // dS^T again, in VNNI pairs of keys
+                  const C* r0 = w.dst.data() + j * kBM;
+                  const C* r1 = r0 + kBM;
+                  C* out = w.dst_b.data() + j * kBM;
+                  for (int64_t i = 0; i < kBM; ++i) out[2 * i] = r0[i], out[2 * i + 1] = r1[i];
+                }
               }
               float* dV = w.dv.data() + t * kBN * Dp;
               float* dK = w.dk.data() + t * kBN * Dp;
@@ -220,7 +223,7 @@ void backward(const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k
           T* dk_row = dk.row(b, hk, k0 + j);
           T* dv_row = dv.row(b, hk, k0 + j);
           for (int64_t d = 0; d < D; ++d) {
-            dk_row[d] = static_cast<T>(scale * w.dk[j * Dp + d]);
+            dk_row[d] = static_cast<T>(kScaleInQ<C> ? w.dk[j * Dp + d] : scale * w.dk[j * Dp + d]);
             dv_row[d] = static_cast<T>(w.dv[j * Dp + d]);
           }
         }

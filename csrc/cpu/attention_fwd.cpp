@@ -36,20 +36,26 @@ struct Scratch {
         m(kBM), l(kBM) {}
 };
 
-// Row r of the score tile: scale, mask (when the tile is partial), and the max. Returns the max.
-inline float scale_and_mask(float* s, float scale, bool partial, int32_t qdoc, int32_t level,
-                            const int32_t* kdoc, const int32_t* lo, const int32_t* hi) {
+// Row r of the score tile: scaled (when Q did not carry the scale), masked (when the tile is
+// partial), and its max.
+template <typename C>
+inline float mask_and_max(float* s, float scale, bool partial, int32_t qdoc, int32_t level,
+                          const int32_t* kdoc, const int32_t* lo, const int32_t* hi) {
   Vec vmax(-kInf);
-  const Vec vscale(scale);
+  if (!partial && kScaleInQ<C>) {
+    for (int64_t j = 0; j < kBN; j += kW) vmax = at::vec::maximum(vmax, Vec::loadu(s + j));
+    return hmax(vmax);
+  }
   const IVec vd(qdoc), vl(level);
   for (int64_t j = 0; j < kBN; j += kW) {
-    Vec x = Vec::loadu(s + j) * vscale;
+    Vec x = Vec::loadu(s + j);
+    if constexpr (!kScaleInQ<C>) x = opaque(x * Vec(scale));
     if (partial) {
       const IVec hidden = (IVec::loadu(kdoc + j) != vd) | (IVec::loadu(lo + j) > vl) |
                           (IVec::loadu(hi + j) < vl);
-      x = at::vec::minimum(x, bias_from(hidden));
+      x = Vec::blendv(x, Vec(-kInf), at::vec::cast<float>(hidden));
     }
-    x.store(s + j);  // stored before the next pass subtracts the max: never fused with it
+    x.store(s + j);
     vmax = at::vec::maximum(vmax, x);
   }
   return hmax(vmax);
@@ -92,7 +98,7 @@ void forward(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, c
         const QStats& qs = qstats[b * q_tiles + tq];
         const int32_t* qdoc = mask.qdoc(b) + m0;
         const int32_t* level = mask.level(b) + m0;
-        pack_a<C>(w.q.data(), Kd, q, b, h, m0, rows, rows, D);
+        pack_a<C>(w.q.data(), Kd, q, b, h, m0, rows, rows, D, kScaleInQ<C> ? scale : 1.f);
         std::fill(w.m.begin(), w.m.end(), -kInf);
         std::fill(w.l.begin(), w.l.end(), 0.f);
         std::fill(w.o.begin(), w.o.begin() + rows * Dp, 0.f);
@@ -111,7 +117,7 @@ void forward(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, c
             float* Sr = w.s.data() + r * kBN;
             const float m_old = w.m[r];
             const float m_new =
-                std::max(m_old, scale_and_mask(Sr, scale, partial, qdoc[r], level[r], kdoc, lo, hi));
+                std::max(m_old, mask_and_max<C>(Sr, scale, partial, qdoc[r], level[r], kdoc, lo, hi));
             if (m_new == -kInf) {  // no key seen yet: this tile adds nothing to the row
               std::fill(P + r * kBN, P + (r + 1) * kBN, C(0));
               continue;
