@@ -36,29 +36,66 @@ struct Scratch {
         m(kBM), l(kBM) {}
 };
 
-// Row r of the score tile: scaled (when Q did not carry the scale), masked (when the tile is
-// partial), and its max.
-template <typename C>
-inline float mask_and_max(float* s, float scale, bool partial, int32_t qdoc, int32_t level,
-                          const int32_t* kdoc, const int32_t* lo, const int32_t* hi) {
-  Vec vmax(-kInf);
-  if (!partial && kScaleInQ<C>) {
-    for (int64_t j = 0; j < kBN; j += kW) vmax = at::vec::maximum(vmax, Vec::loadu(s + j));
-    return hmax(vmax);
-  }
-  const IVec vd(qdoc), vl(level);
-  for (int64_t j = 0; j < kBN; j += kW) {
-    Vec x = Vec::loadu(s + j);
-    if constexpr (!kScaleInQ<C>) x = opaque(x * Vec(scale));
-    if (partial) {
-      const IVec hidden = (IVec::loadu(kdoc + j) != vd) | (IVec::loadu(lo + j) > vl) |
-                          (IVec::loadu(hi + j) < vl);
-      x = Vec::blendv(x, Vec(-kInf), at::vec::cast<float>(hidden));
+// The online-softmax update of R rows of a score tile (their scores S [R x kBN] from Q K^T):
+// scale (when Q did not carry it), mask (a partial tile), row max, e^(s - m') written over S
+// (and as C into P), and the running max m, sum l and accumulator O rescaled. The R rows are
+// interleaved: each row's chain (max, reduce, exponentials, reduce) is a long dependency chain,
+// and R of them overlap.
+template <typename C, int R>
+inline void softmax_rows(float* S, C* P, float* O, int64_t Dp, float* m, float* l, float scale,
+                         bool partial, const int32_t* qdoc, const int32_t* level,
+                         const int32_t* kdoc, const int32_t* lo, const int32_t* hi) {
+  Vec vmax[R];
+  for (int r = 0; r < R; ++r) vmax[r] = Vec(-kInf);
+  if (partial || !kScaleInQ<C>) {
+    IVec vd[R], vl[R];
+    for (int r = 0; r < R; ++r) vd[r] = IVec(qdoc[r]), vl[r] = IVec(level[r]);
+    for (int64_t j = 0; j < kBN; j += kW) {
+      IVec kd, klo, khi;
+      if (partial) kd = IVec::loadu(kdoc + j), klo = IVec::loadu(lo + j), khi = IVec::loadu(hi + j);
+      for (int r = 0; r < R; ++r) {
+        Vec x = Vec::loadu(S + r * kBN + j);
+        if constexpr (!kScaleInQ<C>) x = opaque(x * Vec(scale));
+        if (partial) {
+          const IVec hidden = (kd != vd[r]) | (klo > vl[r]) | (khi < vl[r]);
+          x = Vec::blendv(x, Vec(-kInf), at::vec::cast<float>(hidden));
+        }
+        x.store(S + r * kBN + j);
+        vmax[r] = at::vec::maximum(vmax[r], x);
+      }
     }
-    x.store(s + j);
-    vmax = at::vec::maximum(vmax, x);
+  } else {
+    for (int64_t j = 0; j < kBN; j += kW)
+      for (int r = 0; r < R; ++r) vmax[r] = at::vec::maximum(vmax[r], Vec::loadu(S + r * kBN + j));
   }
-  return hmax(vmax);
+  float m_new[R];
+  Vec vm[R], vsum[R];
+  for (int r = 0; r < R; ++r) {
+    m_new[r] = std::max(m[r], hmax(vmax[r]));
+    // A row that has seen no key yet: subtracting +inf makes every e^(s - m') exactly 0.
+    vm[r] = Vec(m_new[r] == -kInf ? kInf : m_new[r]);
+    vsum[r] = Vec(0.f);
+  }
+  const Vec vlog2e(kLog2e);
+  for (int64_t j = 0; j < kBN; j += kW) {
+    for (int r = 0; r < R; ++r) {
+      const Vec p = exp2v((Vec::loadu(S + r * kBN + j) - vm[r]) * vlog2e);  // e^(s - m')
+      p.store(S + r * kBN + j);
+      vsum[r] = vsum[r] + p;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    store_row(P + r * kBN, S + r * kBN, kBN);
+    if (m_new[r] != m[r] && m[r] != -kInf) {  // rescale by e^(m - m')
+      const float alpha = std::exp(m[r] - m_new[r]);
+      l[r] *= alpha;
+      const Vec va(alpha);
+      float* Or = O + r * Dp;
+      for (int64_t d = 0; d < Dp; d += kW) (Vec::loadu(Or + d) * va).store(Or + d);
+    }
+    l[r] += hsum(vsum[r]);
+    m[r] = m_new[r];
+  }
 }
 
 template <typename T, typename C>
@@ -113,33 +150,15 @@ void forward(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, c
           const int32_t* kdoc = keys.tile_doc(b, t);
           const int32_t* lo = keys.tile_lo(b, t);
           const int32_t* hi = keys.tile_hi(b, t);
-          for (int64_t r = 0; r < rows; ++r) {
-            float* Sr = w.s.data() + r * kBN;
-            const float m_old = w.m[r];
-            const float m_new =
-                std::max(m_old, mask_and_max<C>(Sr, scale, partial, qdoc[r], level[r], kdoc, lo, hi));
-            if (m_new == -kInf) {  // no key seen yet: this tile adds nothing to the row
-              std::fill(P + r * kBN, P + (r + 1) * kBN, C(0));
-              continue;
-            }
-            const Vec vm(m_new), vlog2e(kLog2e);
-            Vec vsum(0.f);
-            for (int64_t j = 0; j < kBN; j += kW) {
-              const Vec p = exp2v((Vec::loadu(Sr + j) - vm) * vlog2e);  // e^(s - m')
-              p.store(Sr + j);
-              vsum = vsum + p;
-            }
-            store_row(P + r * kBN, Sr, kBN);
-            if (m_new != m_old && m_old != -kInf) {  // rescale by e^(m - m')
-              const float alpha = std::exp(m_old - m_new);
-              w.l[r] *= alpha;
-              float* Or = w.o.data() + r * Dp;
-              const Vec va(alpha);
-              for (int64_t d = 0; d < Dp; d += kW) (Vec::loadu(Or + d) * va).store(Or + d);
-            }
-            w.l[r] += hsum(vsum);
-            w.m[r] = m_new;
-          }
+          int64_t r = 0;
+          for (; r + 4 <= rows; r += 4)
+            softmax_rows<C, 4>(w.s.data() + r * kBN, P + r * kBN, w.o.data() + r * Dp, Dp,
+                               w.m.data() + r, w.l.data() + r, scale, partial, qdoc + r,
+                               level + r, kdoc, lo, hi);
+          for (; r < rows; ++r)
+            softmax_rows<C, 1>(w.s.data() + r * kBN, P + r * kBN, w.o.data() + r * Dp, Dp,
+                               w.m.data() + r, w.l.data() + r, scale, partial, qdoc + r,
+                               level + r, kdoc, lo, hi);
           gemm(rows, D, kBN, P, kBN, kt + Kd * kBN, D, w.o.data(), Dp, true);  // O += P V
         }
 
