@@ -148,7 +148,7 @@ setup(
     cmdclass={"build_ext": build_ext},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "numpy"],
+    install_requires=["torch>=2.6", "numpy", "safetensors>=0.4.3"],
     extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark"],
                     "cli": ["tokenizers", "tqdm"]},
     entry_points={"console_scripts": ["llada-kernels = llada_kernels.cli:main"]},

@@ -6,7 +6,7 @@ model with every op on the eager reference path.
           backend; training: GUIDELINES.md's loss on full [B, L, V] logits.
   ours    sampling: llada_kernels.generate (the last layer's queries, MLP and the lm_head on
           the current block only, remask_step, inference_mode);
-          training: llada_kernels.trainer.pretrain_loss (the last layer's attn_out and MLP on
+          training: llada_kernels.training.pretrain_loss (the last layer's attn_out and MLP on
           the masked rows only, their hidden states into the fused loss).
   ours_prefix_cache   sampling with Fast-dLLM's prefix KV cache (approximate).
 
@@ -16,14 +16,14 @@ Targets (CPU, issue 5): sampling >= 1.5x, training step >= 1.3x, lower peak memo
 import pytest
 import torch
 
-from llada_kernels import trainer
+from llada_kernels import training
+from llada_kernels.constants import EOS_ID as EOS, MASK_ID as MASK  # where the vocabulary holds them
 from llada_kernels.generate import generate
 from llada_kernels.model import LLaDAConfig, LLaDAModel
 from llada_kernels.reference.llada_official import official_generate, official_pretrain_loss
 
 from _common import devices, measure
 
-MASK, EOS = 126336, 126081  # LLaDA's ids where the vocabulary holds them
 MODELS = {
     # name: (d_model, n_layers, n_heads, n_kv_heads, vocab)
     "tiny": (128, 3, 4, 2, 16),              # the demo's model: per-step overheads dominate
@@ -88,7 +88,7 @@ def test_training_step(benchmark, provider, device, model_name):
             model.zero_grad(set_to_none=True)
     else:
         def fn():
-            trainer.pretrain_loss(model, ids, mask_id=mask).backward()
+            training.pretrain_loss(model, ids, mask_id=mask).backward()
             model.zero_grad(set_to_none=True)
     measure(benchmark, fn, op=f"e2e_train_step[{model_name}]", provider=provider,
             shape=f"B={TRAIN_B} L={TRAIN_L}", dtype=torch.float32, device=device, rounds=10)

@@ -12,12 +12,11 @@ import pytest
 import torch
 
 import llada_kernels
+from llada_kernels.constants import MASK_ID, VOCAB_SIZE as V
 from llada_kernels.reference.llada_official import official_step
 
 from _common import devices, measure
 
-V = 126464
-MASK_ID = 126336
 SHAPES = [(1, 256), (8, 256), (1, 1024), (8, 1024)]  # (B, L)
 BLOCK = 32
 

@@ -45,6 +45,7 @@ def load_tokenizer(model_dir: Path):
 
 
 def _generate(args):
+    from .checkpoint import CheckpointError
     from .generate import generate
     from .model import LLaDAModel
 
@@ -52,7 +53,10 @@ def _generate(args):
     tok = load_tokenizer(model_dir)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
-    model = LLaDAModel.from_pretrained(model_dir, dtype=dtype, device=device)
+    try:
+        model = LLaDAModel.from_pretrained(model_dir, dtype=dtype, device=device)
+    except CheckpointError as e:
+        raise SystemExit(f"llada-kernels generate: {e}") from None
     cfg = model.config
     texts = [CHAT.format(prompt=p) if args.chat else p for p in args.prompt]
     encoded = [tok.encode(t, add_special_tokens=False).ids for t in texts]
@@ -65,8 +69,7 @@ def _generate(args):
     out = generate(model, prompt.to(device), mask.to(device), steps=args.steps,
                    gen_length=args.gen_length, block_length=args.block_length,
                    temperature=args.temperature, remasking=args.remasking,
-                   mask_id=cfg.mask_token_id, eos_id=cfg.eos_token_id, threshold=args.threshold,
-                   stop_at_eos=True, progress=True)
+                   threshold=args.threshold, stop_at_eos=True, progress=True)  # ids: the config's
     for row in out[:, width:].tolist():
         print(tok.decode(row, skip_special_tokens=True))
         print("-" * 40)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import trainer
+from . import training
 from .generate import generate
 from .model import LLaDAConfig, LLaDAModel
 from .reference.llada_official import official_generate
@@ -111,10 +111,10 @@ def train(model, cfg: DemoConfig, log=print):
             prompt, answer = make_batch(cfg, cfg.batch_size, g)
             ids = torch.cat([prompt, answer], 1)
             if phase == "pre-train":
-                loss = trainer.pretrain_loss(model, ids, generator=g)
+                loss = training.pretrain_loss(model, ids, generator=g)
             else:
                 lengths = torch.full((cfg.batch_size,), prompt.shape[1])
-                loss = trainer.sft_loss(model, ids, lengths, generator=g)
+                loss = training.sft_loss(model, ids, lengths, generator=g)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

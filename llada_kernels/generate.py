@@ -25,11 +25,9 @@ import torch
 
 import llada_kernels
 
+from . import _checks
+from .constants import EOS_ID, EOT_ID, MASK_ID
 from .ops.remask import REMASKING
-
-LLADA_MASK_ID = 126336
-LLADA_EOS_ID = 126081
-LLADA_EOT_ID = 126348
 
 
 @dataclass
@@ -66,21 +64,22 @@ def _inference(fn):
 
 @_inference
 def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, block_length=128,
-             temperature=0., cfg_scale=0., remasking="low_confidence", mask_id=LLADA_MASK_ID,
-             logits_eos_inf=False, confidence_eos_eot_inf=False, *, eos_id=LLADA_EOS_ID,
-             eot_id=LLADA_EOT_ID, threshold=None, stop_at_eos=False, prefix_cache=False,
+             temperature=0., cfg_scale=0., remasking="low_confidence", mask_id=None,
+             logits_eos_inf=False, confidence_eos_eot_inf=False, *, eos_id=None,
+             eot_id=EOT_ID, threshold=None, stop_at_eos=False, prefix_cache=False,
              progress=False, generator=None, backend=None, return_stats=False):
     """Sample a completion of every prompt by semi-autoregressive masked diffusion.
 
     The first eleven arguments are those of LLaDA's generate() (ML-GSAI/LLaDA generate.py), in
-    its order and with its defaults; at temperature 0 the tokens are identical to it (see
-    "Differences" for the tie rules).
+    its order and with its defaults (but for mask_id: the model's own); at temperature 0 the
+    tokens are identical to it (see "Differences" for the tie rules).
 
     Args:
         model: an LLaDAModel (fast path: hidden states, lm_head on the current block only), or
             any module whose `model(x, attention_mask=...)` returns `.logits` [B, L, V] and which
             has `.device`, such as the released model (logits over the whole sequence).
-        prompt: [B, Lp] int64, left-padded when prompts differ in length.
+        prompt: [B, Lp] int64, left-padded when prompts differ in length; ids inside the
+            model's vocabulary (embedding_size rows) where its config gives one.
         attention_mask: [B, Lp] (1 = token, 0 = padding) or None. Padding keys are hidden
             from every query; generated positions are always attended.
         steps: sampling steps in all; a multiple of gen_length / block_length.
@@ -92,11 +91,13 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
             unconditional input has every prompt position (padding included) masked.
         remasking: "low_confidence" (softmax probability of the chosen token), "random",
             "margin" (top-1 minus top-2 probability) or "entropy" (negative entropy).
-        mask_id: the mask token id.
+        mask_id: the mask token id; None = the model's config.mask_token_id, or LLaDA's
+            126336 for a model without one.
         logits_eos_inf: never choose eos_id (LLaDA's Appendix B.4).
         confidence_eos_eot_inf: give EOS and EoT zero confidence at temperature 0, and EoT only
             at temperature > 0, exactly as the reference does.
-        eos_id, eot_id: the EOS and EoT ids (the reference hard-codes LLaDA-8B's).
+        eos_id, eot_id: the EOS and EoT ids (the reference hard-codes LLaDA-8B's). eos_id
+            None = the model's config.eos_token_id, or LLaDA's; eot_id defaults to LLaDA's.
         threshold: Fast-dLLM parallel decoding. Each step commits, per row, its most confident
             candidate plus every candidate whose fp32 confidence >= threshold, and a block ends
             when it has no mask left; `steps` then only has to be valid. The number of model
@@ -129,6 +130,9 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
           candidates), plus one per step in threshold mode (to know whether the block is
           done) and one per block with stop_at_eos.
     """
+    config = getattr(model, "config", None)
+    mask_id = _from_config(mask_id, config, "mask_token_id", MASK_ID)
+    eos_id = _from_config(eos_id, config, "eos_token_id", EOS_ID)
     B, Lp = _check(model, prompt, attention_mask, steps, gen_length, block_length, temperature,
                    cfg_scale, remasking, mask_id, threshold, prefix_cache)
     device = model.device
@@ -216,15 +220,18 @@ def _block_logits(model, x, am, prompt_index, lo, hi, cfg_scale, mask_id, prefix
     ones with CFG). With prefix_cache, `cache` is (start, per-layer kv) of the block."""
     B = x.shape[0]
     xin, amin = _cfg_batch(x, am, prompt_index, mask_id) if cfg_scale > 0 else (x, am)
+    # The ids were checked once, in _check: no value check (a host sync) at every step.
     if not prefix_cache:
-        h = model.hidden_states(xin, amin, output_positions=slice(lo, hi))      # [B(x2), W, D]
+        h = model.hidden_states(xin, amin, output_positions=slice(lo, hi),
+                                check_ids=False)                                  # [B(x2), W, D]
     elif cache is None:
-        h, kv = model.hidden_states(xin, amin, return_kv=True, output_positions=slice(lo, hi))
+        h, kv = model.hidden_states(xin, amin, return_kv=True, output_positions=slice(lo, hi),
+                                    check_ids=False)
         cache = (lo, [(k[:, :, :lo], v[:, :, :lo]) for k, v in kv])
     else:
         start, kv = cache
         h = model.hidden_states(xin[:, start:], amin, past_kv=kv,
-                                output_positions=slice(lo - start, hi - start))
+                                output_positions=slice(lo - start, hi - start), check_ids=False)
     logits = model.lm_head(h)                                                # [B(x2), W, V]
     if cfg_scale > 0:
         return logits[:B], logits[B:], cache
@@ -255,6 +262,18 @@ def _fail(msg, exc=ValueError):
     raise exc(f"generate: {msg}")
 
 
+def _from_config(value, config, name, default):
+    """value, else the config's field `name`, else LLaDA's default."""
+    if value is None:
+        value = getattr(config, name, None)
+    return default if value is None else value
+
+
+def _vocab_rows(config):
+    """The number of token ids the model embeds, where its config says (None otherwise)."""
+    return getattr(config, "embedding_size", None) or getattr(config, "vocab_size", None)
+
+
 def _check(model, prompt, attention_mask, steps, gen_length, block_length, temperature,
            cfg_scale, remasking, mask_id, threshold, prefix_cache):
     if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.dtype != torch.long:
@@ -280,6 +299,13 @@ def _check(model, prompt, attention_mask, steps, gen_length, block_length, tempe
     if threshold is not None and not (isinstance(threshold, (int, float)) and abs(threshold) < float("inf")):
         _fail(f"threshold must be a finite float or None; got {threshold!r}")
     config = getattr(model, "config", None)
+    if isinstance(mask_id, bool) or not isinstance(mask_id, int):
+        _fail(f"mask_id must be an int; got {mask_id!r}", TypeError)
+    rows = _vocab_rows(config)
+    if rows is not None:
+        if not 0 <= mask_id < rows:
+            _fail(f"mask_id ({mask_id}) is outside the model's vocabulary [0, {rows})")
+        _checks.check_index("generate", "prompt", prompt, rows)
     max_len = getattr(config, "max_sequence_length", None)
     if max_len is not None and Lp + gen_length > max_len:
         _fail(f"prompt length {Lp} + gen_length {gen_length} = {Lp + gen_length} exceeds the "

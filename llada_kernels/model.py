@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,22 +22,42 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ._checks import values_checked
+from . import checkpoint as ckpt
+from ._checks import check_index, values_checked
+from .constants import EOS_ID, MASK_ID, VOCAB_SIZE
 from .ops.attention import bidirectional_attention
 
-# Released config fields that name an architecture choice, with the one value this model
-# implements. A config asking for anything else is refused rather than silently misread.
+# Released config fields that name an architecture choice, with the value this model
+# implements (LLaDA-8B's). A config asking for anything else is refused rather than silently
+# misread; None and False both mean "off" where the released value is one of them.
 _SUPPORTED = {
     "block_type": "llama", "activation_type": "silu", "layer_norm_type": "rms", "rope": True,
-    "alibi": False, "input_emb_norm": False, "scale_logits": False, "attention_layer_norm": False,
-    "block_group_size": 1, "include_bias": False, "flash_attention": None, "multi_query_attention": None,
+    "rope_full_precision": True, "alibi": False, "input_emb_norm": False, "scale_logits": False,
+    "attention_layer_norm": False, "layer_norm_with_affine": True, "bias_for_layer_norm": False,
+    "block_group_size": 1, "include_bias": False, "flash_attention": False,
+    "multi_query_attention": None,
 }
+# The released config.json's other fields, with LLaDA-8B's values. This model has no dropout
+# and its own init; they are written so that the released modeling_llada.py, which reads them
+# (with GPT-2's defaults, dropouts of 0.1, where they are absent), builds the same model.
+_RELEASED = {
+    "architectures": ["LLaDAModelLM"], "model_type": "llada", "alibi_bias_max": 8.0,
+    "attention_dropout": 0.0, "residual_dropout": 0.0, "embedding_dropout": 0.0,
+    "attention_layer_norm_with_affine": True, "init_device": "meta", "init_fn": "mitchell",
+    "init_std": 0.02, "init_cutoff_factor": None, "precision": "amp_bf16", "use_cache": False,
+}
+# What lets transformers' AutoModel(..., trust_remote_code=True) find the released files
+# configuration_llada.py and modeling_llada.py when they sit beside the checkpoint.
+AUTO_MAP = {"AutoConfig": "configuration_llada.LLaDAConfig",
+            "AutoModel": "modeling_llada.LLaDAModelLM",
+            "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"}
 
 
 @dataclass
 class LLaDAConfig:
-    """The fields of LLaDA's released `config.json` that the model reads, by their names.
-    Every other field is kept in `extra` (and written back by `to_dict`)."""
+    """The fields of LLaDA's released `config.json` that the model reads, by their names, with
+    LLaDA-8B's values as defaults. Every other field is kept in `extra` (and written back by
+    `to_dict`). Values are checked: types, ranges, and the ids inside the vocabulary."""
 
     d_model: int = 4096
     n_heads: int = 32
@@ -44,14 +65,14 @@ class LLaDAConfig:
     n_layers: int = 32
     mlp_hidden_size: int | None = 12288  # None = mlp_ratio * d_model
     mlp_ratio: int = 4
-    vocab_size: int = 126464
-    embedding_size: int | None = 126464  # rows of wte / ff_out; None = vocab_size
+    vocab_size: int = VOCAB_SIZE
+    embedding_size: int | None = VOCAB_SIZE  # rows of wte / ff_out (>= vocab_size); None = vocab_size
     max_sequence_length: int = 4096
     rope_theta: float = 500000.0
     rms_norm_eps: float = 1e-5
-    mask_token_id: int = 126336
-    eos_token_id: int = 126081
-    pad_token_id: int = 126081
+    mask_token_id: int = MASK_ID
+    eos_token_id: int = EOS_ID
+    pad_token_id: int = EOS_ID
     weight_tying: bool = False
     include_qkv_bias: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -59,18 +80,33 @@ class LLaDAConfig:
     def __post_init__(self):
         for name, want in _SUPPORTED.items():
             got = self.extra.get(name, want)
-            if got != want and not (want is None and not got):
+            if got != want and not (want in (None, False) and not got):
                 raise ValueError(f"LLaDAConfig: {name}={got!r} is not supported (this model "
                                  f"implements {name}={want!r}, as LLaDA-8B)")
+        for name in ("d_model", "n_heads", "n_layers", "mlp_ratio", "vocab_size", "max_sequence_length"):
+            _positive_int(name, getattr(self, name))
+        for name in ("n_kv_heads", "mlp_hidden_size", "embedding_size"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        for name in ("weight_tying", "include_qkv_bias"):
+            if not isinstance(getattr(self, name), bool):
+                _bad(f"{name} must be a bool; got {getattr(self, name)!r}", TypeError)
+        self.rope_theta = _positive_float("rope_theta", self.rope_theta)
+        self.rms_norm_eps = _positive_float("rms_norm_eps", self.rms_norm_eps)
+        if self.rows < self.vocab_size:
+            _bad(f"embedding_size ({self.embedding_size}) must be >= vocab_size ({self.vocab_size})")
+        for name in ("mask_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                _bad(f"{name} must be an int; got {value!r}", TypeError)
+            if not 0 <= value < self.vocab_size:
+                _bad(f"{name}={value} is outside the vocabulary [0, vocab_size={self.vocab_size})")
         if self.d_model % self.n_heads:
-            raise ValueError(f"LLaDAConfig: d_model={self.d_model} must be a multiple of "
-                             f"n_heads={self.n_heads}")
+            _bad(f"d_model={self.d_model} must be a multiple of n_heads={self.n_heads}")
         if self.n_heads % self.kv_heads:
-            raise ValueError(f"LLaDAConfig: n_heads={self.n_heads} must be a multiple of "
-                             f"n_kv_heads={self.kv_heads}")
+            _bad(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.kv_heads}")
         if self.head_dim % 2:
-            raise ValueError(f"LLaDAConfig: the head dim d_model / n_heads = {self.head_dim} "
-                             "must be even for RoPE")
+            _bad(f"the head dim d_model / n_heads = {self.head_dim} must be even for RoPE")
 
     @property
     def kv_heads(self) -> int:
@@ -95,13 +131,33 @@ class LLaDAConfig:
         extra = {k: v for k, v in d.items() if k not in names}
         return cls(**known, extra=extra)
 
-    def to_dict(self) -> dict[str, Any]:
-        out = {"architectures": ["LLaDAModelLM"], "model_type": "llada", **_SUPPORTED}
-        out = {k: v for k, v in out.items() if v is not None}
+    def to_dict(self, *, auto_map: bool = False) -> dict[str, Any]:
+        """Every field of the released config.json (LLaDA-8B's values where this config does
+        not say otherwise), then `extra`, then the fields above. auto_map: add AUTO_MAP."""
+        out = {**_SUPPORTED, **_RELEASED, **({"auto_map": AUTO_MAP} if auto_map else {})}
         out.update(self.extra)
         out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                     if f.name != "extra"})
         return out
+
+
+def _bad(msg: str, exc: type[Exception] = ValueError):
+    raise exc(f"LLaDAConfig: {msg}")
+
+
+def _positive_int(name: str, value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        _bad(f"{name} must be an int; got {value!r} ({type(value).__name__})", TypeError)
+    if value < 1:
+        _bad(f"{name} must be >= 1; got {value}")
+
+
+def _positive_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _bad(f"{name} must be a number; got {value!r} ({type(value).__name__})", TypeError)
+    if not (math.isfinite(value) and value > 0):
+        _bad(f"{name} must be finite and > 0; got {value}")
+    return float(value)
 
 
 @dataclass
@@ -302,12 +358,13 @@ class LLaDAModel(nn.Module):
         end = start + length
         if self._rope is None or self._rope[0].shape[0] < end or self._rope[0].device != device:
             n = max(end, min(self.config.max_sequence_length, 2 * end))
-            self._rope = rope_tables(self.config.head_dim, self.config.rope_theta, n, device)
+            with torch.inference_mode(False):  # built while sampling, still usable in training
+                self._rope = rope_tables(self.config.head_dim, self.config.rope_theta, n, device)
         cos, sin = self._rope
         return cos[start:end], sin[start:end]
 
     def hidden_states(self, input_ids, attention_mask=None, *, past_kv=None, return_kv=False,
-                      output_positions=None):
+                      output_positions=None, check_ids=True):
         """Hidden states after ln_f, without the lm_head.
 
         Args:
@@ -327,11 +384,21 @@ class LLaDAModel(nn.Module):
                 attn_out and MLP (and, but for a bool mask, its queries and attention) only
                 for the output rows, against keys and values of all P+L positions. The
                 sampler asks for its logits window, the trainer for the masked rows.
+            check_ids: check that every id is in [0, embedding_size) (a value check: one host
+                synchronisation on an accelerator; see llada_kernels._checks). The sampler,
+                which checks its ids once, passes False.
 
         Returns:
             hidden [B, n, D] (n = L without output_positions; [N, D] for a bool mask), or
             (hidden, kv) with return_kv.
         """
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 \
+                or input_ids.dtype not in (torch.int64, torch.int32):
+            got = (f"{str(input_ids.dtype).removeprefix('torch.')} tensor of shape {list(input_ids.shape)}"
+                   if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__)
+            raise TypeError(f"LLaDAModel: input_ids must be a [B, L] int64 tensor; got {got}")
+        if check_ids:
+            check_index("LLaDAModel", "input_ids", input_ids, self.config.rows)
         B, L = input_ids.shape
         P = 0 if past_kv is None else past_kv[0][0].shape[2]
         key_mask = None if attention_mask is None else attention_mask.to(torch.bool)
@@ -365,11 +432,29 @@ class LLaDAModel(nn.Module):
     # ---- checkpoints -----------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, *, dtype=None, device=None, torch_dtype=None) -> LLaDAModel:
-        """Load a local folder in the released format (config.json + safetensors)."""
-        from .checkpoint import load_pretrained
-        return load_pretrained(cls, path, dtype=dtype or torch_dtype, device=device)
+        """Load a local folder in the released format (config.json + safetensors; see
+        llada_kernels.checkpoint). Only files inside `path` are read; every error is a
+        CheckpointError naming the file and, where one is at fault, the tensor.
 
-    def save_pretrained(self, path, *, max_shard_size: int | str = "5GB"):
-        """Write config.json and sharded safetensors with the released parameter names."""
-        from .checkpoint import save_pretrained
-        save_pretrained(self, path, max_shard_size=max_shard_size)
+        dtype (or torch_dtype, transformers' name): cast every tensor to it; None keeps the
+        checkpoint's (which must then be one dtype). device: where the parameters go (cpu)."""
+        raw = ckpt.read_config(path)
+        try:
+            config = LLaDAConfig.from_dict(raw)
+        except (TypeError, ValueError) as e:
+            raise ckpt.CheckpointError(f"{Path(path).resolve() / ckpt.CONFIG}: {e}") from e
+        with torch.device("meta"):
+            model = cls(config)  # no memory: every parameter is assigned from the checkpoint
+        tensors = ckpt.read_tensors(path, model.state_dict(), dtype=dtype or torch_dtype,
+                                    device=device)
+        model.load_state_dict(tensors, assign=True)
+        return model.eval()
+
+    def save_pretrained(self, path, *, max_shard_size: int | str = "5GB", auto_map: bool = False):
+        """Write config.json (every field of the released config, LLaDA's values where ours
+        do not differ: dropouts 0, ...) and safetensors with the released parameter names,
+        sharded above max_shard_size. auto_map=True also writes `auto_map`, so that
+        transformers' trust_remote_code finds LLaDA's configuration_llada.py and
+        modeling_llada.py once you put them in the folder."""
+        ckpt.save(path, self.config.to_dict(auto_map=auto_map), self.state_dict(),
+                  max_shard_size=max_shard_size)

@@ -1,30 +1,45 @@
-"""LLaDA's noising process and losses, on top of the masked diffusion loss ops.
+"""LLaDA training and evaluation: the noising processes and the losses, on the masked
+diffusion loss ops. Semantics: ../shared/llada/SEMANTICS.md (GUIDELINES.md's formulas and
+get_log_likelihood.py).
 
-Semantics: ../shared/llada/SEMANTICS.md (the GUIDELINES.md formulas and get_log_likelihood.py).
-Each loss takes logits [B, L, V], or hidden states [B, L, D] together with the lm_head weight
-(then the fused-linear op runs and the full logits are never materialised).
+    loss = pretrain_loss(model, input_ids)                  # GUIDELINES.md pre-training
+    loss = sft_loss(model, input_ids, prompt_lengths)       # GUIDELINES.md SFT
+    ll = log_likelihood(model, prompt, answer)              # get_log_likelihood.py
+
+These take the model: its hidden states go straight into `fused_linear_masked_diffusion_loss`,
+so [B, L, V] logits are never materialised, and the last layer runs its output projection and
+MLP on the masked rows only. `model` is an LLaDAModel or a model built by the released
+`modeling_llada.py` (see `hidden_and_head`; `llada_kernels.patch.patch_llada` runs its attention
+on our op). The pieces, for your own training loop:
+
+    noisy, masked, p_mask = forward_process(input_ids)                 # pre-training / SFT noise
+    noisy, masked, ratio = mc_forward_process(seq, prompt_length)      # the estimator's noise
+    llada_pretrain_loss(x, input_ids, masked, p_mask)                  # from logits [B, L, V] or,
+    llada_sft_loss(x, input_ids, masked, p_mask, prompt_lengths)       # with lm_head_weight=,
+                                                                       # hidden states [B, L, D]
+
+Shapes: B batch, L sequence, D d_model, V vocabulary; b samples of one sequence, Lp prompt, T
+answer length.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import math
 
 import torch
+import torch.nn as nn
 
+from . import _checks
+from .constants import MASK_ID
 from .ops.loss import fused_linear_masked_diffusion_loss, masked_diffusion_loss
 
-MASK_ID = 126336
-EPS = 1e-3
+EPS = 1e-3  # GUIDELINES.md: p_mask = (1 - eps) t + eps
 
 
-def forward_process(
-    input_ids: torch.Tensor,
-    *,
-    eps: float = EPS,
-    mask_id: int = MASK_ID,
-    prompt_lengths: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+# ---- noise -----------------------------------------------------------------------------------
+
+def forward_process(input_ids, *, eps=EPS, mask_id=MASK_ID, prompt_lengths=None, generator=None):
     """LLaDA's forward (noising) process, for pre-training or, with prompt_lengths, SFT.
 
     Per sequence b: t_b ~ U[0, 1), p_mask_b = (1 - eps) * t_b + eps; every token is masked
@@ -33,7 +48,8 @@ def forward_process(
 
     Args:
         input_ids: [B, L] int64, the clean tokens.
-        prompt_lengths: [B] int64 or None (pre-training).
+        eps: the smallest mask probability, in (0, 1].
+        prompt_lengths: [B] integer, each in [0, L), or None (pre-training).
 
     Returns:
         noisy: [B, L] int64, input_ids with the masked positions set to mask_id.
@@ -41,7 +57,17 @@ def forward_process(
             noisy == mask_id, which differs only where the clean prompt holds mask_id.)
         p_mask: [B, L] float32, each position's mask probability.
     """
+    return _noise("forward_process", input_ids, eps, mask_id, prompt_lengths, generator)
+
+
+def _noise(op, input_ids, eps, mask_id, prompt_lengths, generator):
+    """forward_process, its errors named after `op`, the function the user called."""
+    _check_ids(op, input_ids)
     B, L = input_ids.shape
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps <= 1:
+        _checks.fail(op, f"eps must be a float in (0, 1]; got {eps!r}")
+    if prompt_lengths is not None:
+        _check_prompt_lengths(op, prompt_lengths, B, L)
     device = input_ids.device
     t = torch.rand(B, device=device, generator=generator)
     p_mask = ((1 - eps) * t + eps)[:, None].expand(B, L)
@@ -51,26 +77,37 @@ def forward_process(
     return torch.where(masked, mask_id, input_ids), masked, p_mask.contiguous()
 
 
-def _loss(x, input_ids, masked, p_mask, lm_head_weight, lm_head_bias, chunk_size, backend):
-    if lm_head_weight is None:
-        if lm_head_bias is not None or chunk_size is not None:
-            raise ValueError("lm_head_bias and chunk_size need lm_head_weight (x is then hidden states)")
-        return masked_diffusion_loss(x, input_ids, masked, p_mask, backend=backend)
-    return fused_linear_masked_diffusion_loss(x, lm_head_weight, input_ids, masked, p_mask,
-                                              bias=lm_head_bias, chunk_size=chunk_size, backend=backend)
+def mc_forward_process(seq, prompt_length, *, mask_id=MASK_ID, generator=None):
+    """The Monte-Carlo estimator's noising (get_log_likelihood.py's forward_process): sample i
+    of b copies of one sequence masks exactly n_i of its T answer positions, the counts spread
+    evenly over [1, T] from a random start (a stratified sample), the positions uniform (a
+    random rank per position instead of the reference's loop of randperm).
+
+    Args:
+        seq: [b, Lp + T] int64, b copies of one sequence; prompt_length: Lp, with T >= 1.
+
+    Returns:
+        noisy [b, L] int64, masked [b, L] bool, and the mask ratio n_i / T, [b] float32.
+    """
+    b, L = seq.shape
+    T = L - prompt_length
+    if T < 1:
+        _checks.fail("mc_forward_process", f"prompt_length ({prompt_length}) must be less than "
+                     f"the sequence length ({L}): the answer needs a token")
+    device = seq.device
+    k = torch.randint(1, T + 1, (), device=device, generator=generator)
+    n = torch.round(torch.linspace(k.float(), k + (b - 1) * (T / b), steps=b, device=device)).long()
+    n = (n - 1) % T + 1                                                            # [b] in [1, T]
+    rank = torch.rand(b, T, device=device, generator=generator).argsort(-1).argsort(-1)
+    masked = torch.zeros((b, L), dtype=torch.bool, device=device)
+    masked[:, prompt_length:] = rank < n[:, None]                                  # [b, T]
+    return torch.where(masked, mask_id, seq), masked, n / T
 
 
-def llada_pretrain_loss(
-    x: torch.Tensor,
-    input_ids: torch.Tensor,
-    masked_indices: torch.Tensor,
-    p_mask: torch.Tensor,
-    *,
-    lm_head_weight: torch.Tensor | None = None,
-    lm_head_bias: torch.Tensor | None = None,
-    chunk_size: int | None = None,
-    backend: str | None = None,
-) -> torch.Tensor:
+# ---- losses from logits or hidden states -----------------------------------------------------
+
+def llada_pretrain_loss(x, input_ids, masked_indices, p_mask, *, lm_head_weight=None,
+                        lm_head_bias=None, chunk_size=None, backend=None):
     """Pre-training loss: sum over masked of CE / p_mask, divided by B * L (L the padded length).
 
     x: logits [B, L, V], or hidden states [B, L, D] when lm_head_weight [V, D] is given.
@@ -82,100 +119,248 @@ def llada_pretrain_loss(
     return loss / (B * L)
 
 
-def llada_sft_loss(
-    x: torch.Tensor,
-    input_ids: torch.Tensor,
-    masked_indices: torch.Tensor,
-    p_mask: torch.Tensor,
-    prompt_lengths: torch.Tensor,
-    *,
-    lm_head_weight: torch.Tensor | None = None,
-    lm_head_bias: torch.Tensor | None = None,
-    chunk_size: int | None = None,
-    backend: str | None = None,
-) -> torch.Tensor:
+def llada_sft_loss(x, input_ids, masked_indices, p_mask, prompt_lengths, *, lm_head_weight=None,
+                   lm_head_bias=None, chunk_size=None, backend=None):
     """SFT loss: sum over masked of CE / p_mask / answer_length[b], divided by B.
 
     answer_length[b] = L - prompt_lengths[b] (padding EOS counts as answer). Shapes as
-    llada_pretrain_loss, plus prompt_lengths [B] int64 (every prompt shorter than L).
+    llada_pretrain_loss, plus prompt_lengths [B] integer, each in [0, L).
     """
     B, L = input_ids.shape
+    _check_prompt_lengths("llada_sft_loss", prompt_lengths, B, L)
     p = p_mask[:, None].expand(B, L) if p_mask.dim() == 1 else p_mask
-    divisor = p * (L - prompt_lengths)[:, None].to(p.dtype)
+    divisor = _sft_divisor(p, prompt_lengths, L)
     loss = _loss(x, input_ids, masked_indices, divisor, lm_head_weight, lm_head_bias, chunk_size, backend)
     return loss / B
 
 
-def mc_forward_process(
-    seq: torch.Tensor, prompt_length: int, *, mask_id: int = MASK_ID,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The Monte-Carlo estimator's noising: for b samples of one sequence [b, Lp + T], mask
-    exactly k_i random answer positions in sample i, with k_i stratified over [1, T]: a random
-    start k, then evenly spaced steps of T / b, wrapped into [1, T].
+def _loss(x, input_ids, masked, p_mask, lm_head_weight, lm_head_bias, chunk_size, backend):
+    if lm_head_weight is None:
+        if lm_head_bias is not None or chunk_size is not None:
+            raise ValueError("lm_head_bias and chunk_size need lm_head_weight (x is then hidden states)")
+        return masked_diffusion_loss(x, input_ids, masked, p_mask, backend=backend)
+    return fused_linear_masked_diffusion_loss(x, lm_head_weight, input_ids, masked, p_mask,
+                                              bias=lm_head_bias, chunk_size=chunk_size, backend=backend)
 
-    Returns noisy [b, L] int64, masked [b, L] bool and the mask ratio k_i / T, [b] float32.
+
+def _sft_divisor(p_mask, prompt_lengths, L):
+    """p_mask [B, L] * answer_length [B, 1]: the SFT loss's per-position divisor."""
+    return p_mask * (L - prompt_lengths).to(p_mask.dtype)[:, None]
+
+
+# ---- losses from the model -------------------------------------------------------------------
+
+def hidden_and_head(model, input_ids, attention_mask=None, *, rows=None):
+    """Hidden states after ln_f [B, L, D] and the lm_head (weight [V, D], bias or None).
+
+    LLaDAModel: its `hidden_states` and `lm_head_weight`. A released LLaDAModelLM: its own
+    forward runs with `transformer.ff_out` swapped for an identity, so the "logits" it returns
+    are the hidden states and the [B, L, V] logits are never formed. This is also how to swap
+    the loss in a trainer built on the released model:
+
+        hidden, (weight, bias) = hidden_and_head(model, noisy_batch)
+        loss = llada_kernels.fused_linear_masked_diffusion_loss(
+            hidden, weight, input_ids, masked_indices, p_mask, bias=bias) / (B * L)
+
+    rows: None, or a [B, L] bool mask: then only hidden[rows], [N, D], is returned (an
+    LLaDAModel computes its last layer's attn_out and MLP for these rows only; see
+    LLaDAModel.hidden_states' output_positions).
     """
-    b, L = seq.shape
-    T = L - prompt_length
-    device = seq.device
-    k = torch.randint(1, T + 1, (), device=device, generator=generator)
-    counts = torch.round(torch.linspace(0, (b - 1) * (T / b), b, device=device) + k).long()
-    counts = (counts - 1) % T + 1
-    # The counts[i] positions with the smallest random keys: a uniform k-subset per row.
-    keys = torch.rand((b, T), device=device, generator=generator)
-    rank = keys.argsort(-1).argsort(-1)
-    masked = torch.zeros((b, L), dtype=torch.bool, device=device)
-    masked[:, prompt_length:] = rank < counts[:, None]
-    return torch.where(masked, mask_id, seq), masked, counts.float() / T
+    if hasattr(model, "hidden_states") and hasattr(model, "lm_head_weight"):
+        return (model.hidden_states(input_ids, attention_mask, output_positions=rows),
+                (model.lm_head_weight, None))
+    inner = getattr(model, "model", model)
+    t = getattr(inner, "transformer", None)
+    if t is None:
+        raise TypeError(f"{type(model).__name__} is neither an LLaDAModel nor a model built by "
+                        "LLaDA's modeling_llada.py (no .model.transformer)")
+    config = inner.config
+    if getattr(config, "scale_logits", False):
+        raise NotImplementedError("scale_logits=True: the logits are not a plain linear head")
+    tied = config.weight_tying
+    head = t.wte if tied else t.ff_out
+    weight, bias = head.weight, getattr(head, "bias", None)
+    with _identity_head(inner, t, tied):
+        hidden = model(input_ids, attention_mask=attention_mask).logits
+    return (hidden if rows is None else hidden[rows]), (weight, bias)
+
+
+def _has_head(model) -> bool:
+    """Whether hidden_and_head can serve the model (else only its logits can be used)."""
+    if hasattr(model, "hidden_states") and hasattr(model, "lm_head_weight"):
+        return True
+    return getattr(getattr(model, "model", model), "transformer", None) is not None
+
+
+@contextlib.contextmanager
+def _identity_head(inner, t, tied):
+    saved = t["ff_out"] if not tied else None
+    t["ff_out"] = nn.Identity()
+    if tied:
+        inner.config.weight_tying = False
+    try:
+        yield
+    finally:
+        if tied:
+            inner.config.weight_tying = True
+            del t["ff_out"]
+        else:
+            t["ff_out"] = saved
+
+
+def pretrain_loss(model, input_ids, *, mask_id=None, eps=EPS, generator=None, backend=None):
+    """LLaDA's pre-training loss: sum over masked positions of CE / p_mask, divided by B * L.
+
+    input_ids [B, L] int64 (cut to a random length beforehand for LLaDA's 1% of short
+    batches). mask_id: default the model's config.mask_token_id. Returns a scalar fp32 tensor
+    with autograd to the model.
+    """
+    op = "pretrain_loss"
+    noisy, masked, p_mask = _noise(op, input_ids, eps, _mask_id(op, model, mask_id), None, generator)
+    B, L = input_ids.shape
+    return _masked_rows_loss(model, noisy, input_ids, masked, p_mask, backend) / (B * L)
+
+
+def sft_loss(model, input_ids, prompt_lengths, *, mask_id=None, eps=EPS, generator=None,
+             backend=None):
+    """LLaDA's SFT loss: the prompt is never masked; sum over masked positions of
+    CE / p_mask / answer_length (padding EOS counts as answer), divided by B.
+
+    input_ids [B, L] int64, prompt_lengths [B] integer, each in [0, L).
+    """
+    op = "sft_loss"
+    noisy, masked, p_mask = _noise(op, input_ids, eps, _mask_id(op, model, mask_id), prompt_lengths,
+                                   generator)
+    B, L = input_ids.shape
+    divisor = _sft_divisor(p_mask, prompt_lengths, L)
+    return _masked_rows_loss(model, noisy, input_ids, masked, divisor, backend) / B
+
+
+def _masked_rows_loss(model, noisy, targets, masked, divisor, backend):
+    """sum over masked (b, l) of CE(logits[b, l], targets[b, l]) / divisor[b, l], with the
+    hidden states (and an LLaDAModel's last layer) computed only for the N masked rows, which
+    go into the fused loss as one [1, N] sequence. noisy, targets [B, L] int64, masked [B, L]
+    bool, divisor [B, L] float32."""
+    hidden, (weight, bias) = hidden_and_head(model, noisy, rows=masked)              # [N, D]
+    every = torch.ones((1, hidden.shape[0]), dtype=torch.bool, device=hidden.device)
+    return fused_linear_masked_diffusion_loss(hidden[None], weight, targets[masked][None], every,
+                                              divisor[masked][None], bias=bias, backend=backend)
+
+
+# ---- Monte-Carlo log-likelihood -----------------------------------------------------------------
+
+def mc_batch_loss(model, seq, is_mask, ratio, prompt_length, *, cfg_scale=0.0, mask_id=None,
+                  backend=None):
+    """One mini-batch of the estimator: sum over masked positions of CE / ratio, divided by
+    the batch size b. seq [b, L] clean, is_mask [b, L] bool, ratio [b].
+
+    A model that hidden_and_head serves gets the fused loss, with CFG applied to the hidden
+    states: the lm_head is linear, so W (h_un + (s + 1)(h - h_un)) is the reference's
+    un + (s + 1)(cond - un) on logits (up to rounding), and logits are never formed. Any other
+    callable mapping ids [b, L] to logits [b, L, V] (or to an object with .logits) gets the
+    reference's computation on its logits.
+    """
+    mask_id = _mask_id("mc_batch_loss", model, mask_id)
+    b = seq.shape[0]
+    x = torch.where(is_mask, mask_id, seq)
+    if cfg_scale > 0:
+        un = x.clone()
+        un[:, :prompt_length] = mask_id
+        x = torch.cat([x, un])
+    if _has_head(model):
+        h, (weight, bias) = hidden_and_head(model, x)
+        if cfg_scale > 0:
+            h_c, h_un = h[:b], h[b:]
+            h = h_un + (cfg_scale + 1) * (h_c - h_un)
+        loss = fused_linear_masked_diffusion_loss(h, weight, seq, is_mask, ratio, bias=bias,
+                                                  backend=backend)
+    else:
+        out = model(x)
+        logits = out if isinstance(out, torch.Tensor) else out.logits
+        if cfg_scale > 0:
+            cond, un = logits.chunk(2)
+            logits = un + (cfg_scale + 1) * (cond - un)
+        loss = masked_diffusion_loss(logits, seq, is_mask, ratio, backend=backend)
+    return loss / b
 
 
 @torch.no_grad()
-def get_log_likelihood(
-    model: Callable[[torch.Tensor], torch.Tensor],
-    prompt: torch.Tensor,
-    answer: torch.Tensor,
-    mc_num: int = 128,
-    batch_size: int = 16,
-    cfg_scale: float = 0.0,
-    mask_id: int = MASK_ID,
-    *,
-    generator: torch.Generator | None = None,
-    backend: str | None = None,
-) -> float:
-    """Monte-Carlo estimate of log p(answer | prompt), as LLaDA's get_log_likelihood.
+def log_likelihood(model, prompt, answer, mc_num=128, batch_size=16, cfg_scale=0.0, mask_id=None,
+                   *, generator=None, backend=None) -> float:
+    """Monte-Carlo estimate of log p(answer | prompt), LLaDA's get_log_likelihood() (its
+    arguments, in its order): minus the mean over mc_num / batch_size mini-batches of
+    mc_batch_loss, each on mc_forward_process's noise. One host synchronisation, at the end.
 
     Args:
-        model: maps token ids [b, l] to logits [b, l, V] (or to an object with .logits).
+        model: an LLaDAModel or a released LLaDAModelLM (fused loss, logits never formed), or
+            any callable mapping ids [b, L] to logits [b, L, V] or to an object with .logits.
         prompt: [Lp] int64; answer: [T] int64, T >= 1.
         mc_num: samples in all, a multiple of batch_size.
-        cfg_scale: classifier-free guidance; the unconditional pass masks the whole prompt and
-            the logits become un + (cfg_scale + 1) * (cond - un).
-
-    Per sample: sum over masked answer positions of CE / (k / T). The estimate is minus their
-    mean. One host sync, at the end.
+        cfg_scale: classifier-free guidance s >= 0; the unconditional pass masks the whole
+            prompt and the logits become un + (s + 1) * (cond - un).
+        mask_id: default the model's config.mask_token_id, else LLaDA's.
     """
+    op = "log_likelihood"
+    for name, v in (("mc_num", mc_num), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            _checks.fail(op, f"{name} must be a positive int; got {v!r}")
     if mc_num % batch_size:
-        raise ValueError(f"mc_num ({mc_num}) must be a multiple of batch_size ({batch_size})")
-    if answer.numel() < 1:
-        raise ValueError("answer must hold at least one token")
-    Lp = prompt.numel()
-    seq = torch.cat([prompt, answer])[None].expand(batch_size, -1)
-    total = torch.zeros((), dtype=torch.float32, device=seq.device)
+        _checks.fail(op, f"mc_num ({mc_num}) must be a multiple of batch_size ({batch_size})")
+    for name, t in (("prompt", prompt), ("answer", answer)):
+        _checks.check_tensor(op, name, t, dtypes=(torch.int64,), ndim=1)
+    if answer.numel() == 0:
+        _checks.fail(op, "answer is empty; it needs at least one token")
+    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) \
+            or not (math.isfinite(cfg_scale) and cfg_scale >= 0):
+        _checks.fail(op, f"cfg_scale must be a finite float >= 0; got {cfg_scale!r}")
+    device = getattr(model, "device", prompt.device)
+    seq = torch.cat([prompt, answer]).to(device)[None].expand(batch_size, -1)
+    mask_id = _mask_id(op, model, mask_id)
+    total = torch.zeros((), device=device)
     for _ in range(mc_num // batch_size):
-        noisy, masked, ratio = mc_forward_process(seq, Lp, mask_id=mask_id, generator=generator)
-        if cfg_scale > 0:
-            uncond = noisy.clone()
-            uncond[:, :Lp] = mask_id
-            logits = _logits(model, torch.cat([noisy, uncond]))
-            cond, un = logits.chunk(2)
-            logits = un + (cfg_scale + 1) * (cond - un)
-        else:
-            logits = _logits(model, noisy)
-        total += masked_diffusion_loss(logits, seq, masked, ratio, backend=backend) / batch_size
-    return -(total / (mc_num // batch_size)).item()
+        _, is_mask, ratio = mc_forward_process(seq, len(prompt), mask_id=mask_id, generator=generator)
+        total += mc_batch_loss(model, seq, is_mask, ratio, len(prompt), cfg_scale=cfg_scale,
+                               mask_id=mask_id, backend=backend)
+    return -float(total) / (mc_num // batch_size)
 
 
-def _logits(model, ids):
-    out = model(ids)
-    return out if isinstance(out, torch.Tensor) else out.logits
+get_log_likelihood = log_likelihood  # the name in LLaDA's get_log_likelihood.py
+
+
+# ---- checks ------------------------------------------------------------------------------------
+
+def _mask_id(op, model, mask_id):
+    """mask_id, else the model's config.mask_token_id, else LLaDA's; checked against the
+    model's vocabulary where its config gives one."""
+    config = getattr(model, "config", None)
+    if mask_id is None:
+        mask_id = getattr(config, "mask_token_id", None)
+        mask_id = MASK_ID if mask_id is None else mask_id
+    if isinstance(mask_id, bool) or not isinstance(mask_id, int):
+        _checks.fail(op, f"mask_id must be an int; got {mask_id!r}", TypeError)
+    rows = getattr(config, "embedding_size", None) or getattr(config, "vocab_size", None)
+    if mask_id < 0 or (rows is not None and mask_id >= rows):
+        _checks.fail(op, f"mask_id ({mask_id}) is outside the model's vocabulary [0, {rows})")
+    return mask_id
+
+
+def _check_ids(op, input_ids):
+    _checks.check_tensor(op, "input_ids", input_ids, dtypes=(torch.int64,), ndim=2)
+
+
+def _check_prompt_lengths(op, prompt_lengths, B, L):
+    """prompt_lengths [B] integer, each in [0, L): every sequence keeps an answer token (the
+    SFT loss divides by L - prompt_length)."""
+    if not isinstance(prompt_lengths, torch.Tensor) or prompt_lengths.dtype == torch.bool \
+            or prompt_lengths.dtype.is_floating_point or prompt_lengths.dtype.is_complex:
+        got = (prompt_lengths.dtype if isinstance(prompt_lengths, torch.Tensor)
+               else type(prompt_lengths).__name__)
+        _checks.fail(op, f"prompt_lengths must be a [B] integer tensor; got {got}", TypeError)
+    if tuple(prompt_lengths.shape) != (B,):
+        _checks.fail(op, f"prompt_lengths must have shape [B] = [{B}]; got {list(prompt_lengths.shape)}")
+    if _checks.values_checked() and B:
+        bad = (prompt_lengths < 0) | (prompt_lengths >= L)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            _checks.fail(op, f"prompt_lengths[{i}] = {int(prompt_lengths[i])} must be in [0, L) = "
+                         f"[0, {L}): an SFT sequence needs at least one answer token")

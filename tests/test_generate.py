@@ -337,3 +337,58 @@ def test_bad_prompts_and_masks(model):
         generate(model, padded_with_mask, am, mask_id=MASK, **kw)
     with pytest.raises(ValueError, match="pad_token_id equals mask_id"):
         generate(model, p, am, mask_id=EOS, **kw)
+
+
+def test_mask_and_eos_ids_come_from_the_model_config(model):
+    """Without mask_id and eos_id, generate() takes the model's config.mask_token_id and
+    eos_token_id (it used LLaDA-8B's 126336, outside this model's vocabulary)."""
+    p, am = prompts()
+    kw = dict(steps=8, gen_length=8, block_length=4, logits_eos_inf=True)
+    out = generate(model, p, am, **kw)
+    assert torch.equal(out, generate(model, p, am, mask_id=MASK, eos_id=EOS, **kw))
+    assert not (out == MASK).any() and not (out[:, p.shape[1]:] == EOS).any()
+
+
+def test_ids_outside_the_vocabulary_are_named(model):
+    p, am = prompts()
+    kw = dict(steps=8, gen_length=8, block_length=8)
+    bad = p.clone()
+    bad[2, 5] = V
+    with pytest.raises(ValueError, match=r"generate: prompt holds 64, outside the vocabulary \[0, 64\)"):
+        generate(model, bad, am, **kw)
+    bad[2, 5] = -3
+    with pytest.raises(ValueError, match=r"generate: prompt holds -3"):
+        generate(model, bad, am, **kw)
+    with pytest.raises(ValueError, match=r"generate: mask_id \(126336\) is outside the model's vocabulary \[0, 64\)"):
+        generate(model, p, am, mask_id=126336, **kw)
+    with pytest.raises(TypeError, match=r"generate: mask_id must be an int; got 63.0"):
+        generate(model, p, am, mask_id=63.0, **kw)
+
+
+def test_model_calls_skip_the_id_check(model, monkeypatch):
+    """The sampler checks its ids once; the model's per-call value check (a host sync on an
+    accelerator) does not run at every step."""
+    import llada_kernels.model as model_module
+    calls = []
+    real = model_module.check_index
+    monkeypatch.setattr(model_module, "check_index", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    p, am = prompts()
+    generate(model, p, am, steps=8, gen_length=8, block_length=4)
+    generate(model, p, am, steps=8, gen_length=8, block_length=4, prefix_cache=True, cfg_scale=1.0)
+    assert calls == []
+    model(p)
+    assert calls == ["input_ids"]
+
+
+def test_training_after_sampling():
+    """A model whose first call is generate() (under inference_mode) trains afterwards: the
+    RoPE tables it caches then are ordinary tensors (they were inference tensors, and the
+    backward raised)."""
+    torch.manual_seed(0)
+    m = LLaDAModel(LLaDAConfig(d_model=32, n_heads=4, n_layers=1, mlp_hidden_size=32, vocab_size=20,
+                               embedding_size=20, max_sequence_length=32, mask_token_id=19,
+                               eos_token_id=18, pad_token_id=18))
+    generate(m, torch.randint(0, 18, (2, 5)), steps=4, gen_length=4, block_length=4)
+    m.train()
+    m(torch.randint(0, 18, (2, 9))).logits.sum().backward()
+    assert m.model.transformer.wte.weight.grad is not None

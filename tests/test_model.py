@@ -1,16 +1,13 @@
-"""LLaDAModel: the released architecture and parameter names, key-padding attention, the
-hidden-state and prefix-cache paths, activation checkpointing, and checkpoints in the released
-format (config.json + sharded safetensors)."""
+"""LLaDAModel: the released architecture and parameter names, config checks, key-padding
+attention, the hidden-state and prefix-cache paths, activation checkpointing, and ids outside
+the vocabulary. Checkpoints: tests/test_checkpoint.py."""
 
-import json
 import math
-import struct
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from llada_kernels.checkpoint import CheckpointError
 from llada_kernels.model import LLaDAConfig, LLaDAModel
 
 V, MASK, EOS = 64, 63, 61
@@ -120,6 +117,51 @@ def test_config_refuses_unsupported_architecture(field, value):
 def test_config_checks_heads():
     with pytest.raises(ValueError, match="n_kv_heads"):
         tiny_config(n_heads=4, n_kv_heads=3)
+
+
+def test_default_config_writes_the_released_config_json():
+    """LLaDAConfig's defaults are LLaDA-8B's: its to_dict is the released config.json, field
+    for field (but transformers_version, which transformers writes, and auto_map, on request;
+    n_kv_heads defaults to None, which means n_heads in both models)."""
+    want = {k: v for k, v in RELEASED_CONFIG.items() if k != "transformers_version"}
+    assert LLaDAConfig(n_kv_heads=32).to_dict(auto_map=True) == want
+    assert "auto_map" not in LLaDAConfig().to_dict()
+    small = tiny_config().to_dict()
+    assert small["attention_dropout"] == small["residual_dropout"] == small["embedding_dropout"] == 0.0
+    assert small["d_model"] == 32 and small["mask_token_id"] == MASK
+
+
+@pytest.mark.parametrize("field,value,exc,match", [
+    ("rope_theta", 0.0, ValueError, r"rope_theta must be finite and > 0; got 0.0"),
+    ("rope_theta", -1e4, ValueError, r"rope_theta must be finite and > 0"),
+    ("rope_theta", float("nan"), ValueError, r"rope_theta must be finite and > 0; got nan"),
+    ("rope_theta", "10000", TypeError, r"rope_theta must be a number; got '10000'"),
+    ("rms_norm_eps", -1e-5, ValueError, r"rms_norm_eps must be finite and > 0"),
+    ("rms_norm_eps", float("inf"), ValueError, r"rms_norm_eps must be finite and > 0; got inf"),
+    ("mask_token_id", V, ValueError, r"mask_token_id=64 is outside the vocabulary \[0, vocab_size=64\)"),
+    ("mask_token_id", -1, ValueError, r"mask_token_id=-1 is outside the vocabulary"),
+    ("eos_token_id", 1000, ValueError, r"eos_token_id=1000 is outside"),
+    ("pad_token_id", "61", TypeError, r"pad_token_id must be an int; got '61'"),
+    ("d_model", "32", TypeError, r"d_model must be an int; got '32' \(str\)"),
+    ("n_heads", 0, ValueError, r"n_heads must be >= 1; got 0"),
+    ("n_layers", 2.0, TypeError, r"n_layers must be an int; got 2.0"),
+    ("n_kv_heads", 0, ValueError, r"n_kv_heads must be >= 1; got 0"),
+    ("vocab_size", True, TypeError, r"vocab_size must be an int; got True"),
+    ("embedding_size", 32, ValueError, r"embedding_size \(32\) must be >= vocab_size \(64\)"),
+    ("max_sequence_length", 0, ValueError, r"max_sequence_length must be >= 1"),
+    ("weight_tying", "false", TypeError, r"weight_tying must be a bool"),
+])
+def test_config_checks_values(field, value, exc, match):
+    """Values that gave NaN logits (rope_theta <= 0, rms_norm_eps < 0), a ZeroDivisionError
+    (n_heads = 0), or were accepted silently (mask_token_id >= vocab) are refused by name."""
+    with pytest.raises(exc, match=f"LLaDAConfig: {match}"):
+        tiny_config(**{field: value})
+    with pytest.raises(exc, match=match):  # from a config.json, strings and all
+        LLaDAConfig.from_dict({**tiny_config().to_dict(), field: value})
+
+
+def test_config_accepts_an_int_rope_theta():
+    assert tiny_config(rope_theta=10000).rope_theta == 10000.0
 
 
 @pytest.mark.parametrize("tying", [False, True])
@@ -339,93 +381,27 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("bad", [V, 10_000, -1])
+def test_ids_outside_the_vocabulary_are_named(bad):
+    """An id outside [0, embedding_size) is a ValueError naming input_ids (it was a bare
+    IndexError from the embedding)."""
+    model = tiny_model()
+    ids = torch.randint(0, V, (2, 6))
+    ids[1, 3] = bad
+    with pytest.raises(ValueError, match=rf"LLaDAModel: input_ids holds {bad}, outside the vocabulary \[0, 64\)"):
+        model(ids)
+    with pytest.raises(ValueError, match="input_ids holds"):
+        model.hidden_states(ids, output_positions=slice(0, 2))
+    with pytest.raises(TypeError, match=r"input_ids must be a \[B, L\] int64 tensor; got float32"):
+        model(ids.float())
+    with pytest.raises(TypeError, match=r"input_ids must be a \[B, L\] int64 tensor; got int64 tensor of shape \[12\]"):
+        model(ids.flatten())
+
+
 def test_device_and_dtype_properties():
     model = tiny_model()
     assert model.device == torch.device("cpu")
     assert model.dtype == torch.float32
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------
-
-def _header(path):
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        return json.loads(f.read(n))
-
-
-def test_checkpoint_round_trip_sharded(tmp_path):
-    model = tiny_model(seed=5)
-    model.save_pretrained(tmp_path, max_shard_size=6000)
-    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-    files = sorted(set(index["weight_map"].values()))
-    assert len(files) > 1 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
-    assert set(index["weight_map"]) == set(model.state_dict())
-    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    assert index["metadata"]["total_size"] == total
-    h = _header(tmp_path / files[0])
-    name = next(k for k in h if k != "__metadata__")
-    assert h[name]["dtype"] == "F32"
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["d_model"] == 32 and cfg["block_type"] == "llama"
-
-    loaded = LLaDAModel.from_pretrained(tmp_path)
-    for (n1, a), (n2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
-        assert n1 == n2 and torch.equal(a, b), n1
-    ids = torch.randint(0, V, (2, 7))
-    assert torch.equal(loaded(ids).logits, model(ids).logits)
-
-
-def test_checkpoint_single_file_bf16_and_dtype_choice(tmp_path):
-    model = tiny_model(seed=6, weight_tying=True).to(torch.bfloat16)
-    model.save_pretrained(tmp_path)
-    assert (tmp_path / "model.safetensors").exists()
-    assert not (tmp_path / "model.safetensors.index.json").exists()
-    assert _header(tmp_path / "model.safetensors")["model.transformer.wte.weight"]["dtype"] == "BF16"
-    assert LLaDAModel.from_pretrained(tmp_path).dtype == torch.bfloat16
-    loaded = LLaDAModel.from_pretrained(tmp_path, dtype=torch.float32, device="cpu")
-    assert loaded.dtype == torch.float32
-    torch.testing.assert_close(loaded.lm_head_weight, model.lm_head_weight.float())
-
-
-def test_checkpoint_reads_with_the_safetensors_package(tmp_path):
-    st = pytest.importorskip("safetensors.torch")
-    model = tiny_model()
-    model.save_pretrained(tmp_path)
-    tensors = st.load_file(tmp_path / "model.safetensors")
-    for name, t in model.state_dict().items():
-        assert torch.equal(tensors[name], t)
-
-
-def _rewrite(tmp_path, edit):
-    """Save a tiny model, let `edit` change its tensors, and write them back in one file."""
-    from llada_kernels.checkpoint import write_safetensors
-    model = tiny_model()
-    model.save_pretrained(tmp_path)
-    tensors = dict(model.state_dict())
-    edit(tensors)
-    write_safetensors(tmp_path / "model.safetensors", tensors)
-
-
-def test_checkpoint_errors_name_the_tensor(tmp_path):
-    _rewrite(tmp_path / "missing", lambda t: t.pop("model.transformer.blocks.1.up_proj.weight"))
-    with pytest.raises(CheckpointError, match=r"missing tensors \['model.transformer.blocks.1.up_proj.weight'\]"):
-        LLaDAModel.from_pretrained(tmp_path / "missing")
-
-    _rewrite(tmp_path / "extra", lambda t: t.update({"model.transformer.wpe.weight": torch.zeros(3)}))
-    with pytest.raises(CheckpointError, match=r"unexpected tensors \['model.transformer.wpe.weight'\]"):
-        LLaDAModel.from_pretrained(tmp_path / "extra")
-
-    def shrink(t):
-        t["model.transformer.blocks.0.q_proj.weight"] = torch.zeros(16, 32)
-    _rewrite(tmp_path / "shape", shrink)
-    with pytest.raises(CheckpointError, match=r"blocks.0.q_proj.weight: shape \[16, 32\].*\[32, 32\]"):
-        LLaDAModel.from_pretrained(tmp_path / "shape")
-
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="config.json"):
-        LLaDAModel.from_pretrained(tmp_path / "empty")
 
 
 def test_released_8b_shapes_on_meta():

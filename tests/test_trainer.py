@@ -1,6 +1,7 @@
-"""Training and evaluation steps: pre-training and SFT losses against GUIDELINES.md on full
-logits (values and gradients), the Monte-Carlo log-likelihood against get_log_likelihood.py,
-and patch_llada on a module that mirrors the released modeling_llada.py."""
+"""llada_kernels.training: pre-training and SFT losses against GUIDELINES.md on full logits
+(values and gradients), the Monte-Carlo log-likelihood against get_log_likelihood.py, argument
+errors, the deprecated llada_kernels.trainer alias, and llada_kernels.patch.patch_llada on a
+module that mirrors the released modeling_llada.py."""
 
 import math
 from dataclasses import dataclass
@@ -10,7 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llada_kernels import ops, trainer
+from llada_kernels import ops, training
+from llada_kernels.patch import patch_llada
 from llada_kernels.model import LLaDAConfig, LLaDAModel
 from llada_kernels.reference.llada_official import (official_loglik_forward_process, official_mc_loss,
                                                     official_pretrain_loss, official_sft_loss)
@@ -175,8 +177,8 @@ def test_patch_llada_keeps_outputs_and_uses_the_op(monkeypatch):
     real = ops.attention.bidirectional_attention
     monkeypatch.setattr(ops.attention, "bidirectional_attention",
                         lambda *a, **k: calls.append(a[3]) or real(*a, **k))
-    assert trainer.patch_llada(mirror) is mirror
-    trainer.patch_llada(mirror)  # idempotent
+    assert patch_llada(mirror) is mirror
+    patch_llada(mirror)  # idempotent
     after = [mirror(ids).logits, mirror(ids, attention_mask=am).logits]
     assert len(calls) == 4 and calls[0] is None and calls[2].dtype == torch.bool
     assert torch.equal(calls[2], am.bool())
@@ -186,7 +188,7 @@ def test_patch_llada_keeps_outputs_and_uses_the_op(monkeypatch):
 
 def test_patch_llada_leaves_other_biases_to_the_original():
     mirror = MirrorLM(tiny_model()).eval()
-    trainer.patch_llada(mirror)
+    patch_llada(mirror)
     block = mirror.model.transformer.blocks[0]
     q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
     causal = torch.full((5, 5), float("-inf")).triu(1)[None, None]
@@ -198,7 +200,7 @@ def test_patch_llada_leaves_other_biases_to_the_original():
 
 def test_patch_llada_refuses_other_models():
     with pytest.raises(TypeError, match="modeling_llada.py"):
-        trainer.patch_llada(nn.Linear(2, 2))
+        patch_llada(nn.Linear(2, 2))
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,7 +226,7 @@ def test_pretrain_loss_matches_guidelines(released):
     ours = tiny_model(seed=1)
     model = MirrorLM(ours) if released else ours
     torch.manual_seed(7)
-    loss = trainer.pretrain_loss(model, ids, mask_id=MASK)
+    loss = training.pretrain_loss(model, ids, mask_id=MASK)
     loss.backward()
     g = grads(model)
     model.zero_grad()
@@ -243,7 +245,7 @@ def test_sft_loss_matches_guidelines():
     prompt_lengths = torch.tensor([3, 5, 1, 11])
     model = tiny_model(seed=2, weight_tying=True)
     torch.manual_seed(3)
-    loss = trainer.sft_loss(model, ids, prompt_lengths)  # mask id from the config
+    loss = training.sft_loss(model, ids, prompt_lengths)  # mask id from the config
     loss.backward()
     g = grads(model)
     model.zero_grad()
@@ -265,8 +267,8 @@ def test_losses_never_materialise_full_logits(monkeypatch):
     model = tiny_model()
     monkeypatch.setattr(model, "lm_head", lambda h: pytest.fail("full logits were formed"))
     ids, _ = padded_ids()
-    trainer.pretrain_loss(model, ids).backward()
-    trainer.sft_loss(model, ids, torch.tensor([2, 2, 2])).backward()
+    training.pretrain_loss(model, ids).backward()
+    training.sft_loss(model, ids, torch.tensor([2, 2, 2])).backward()
 
 
 @pytest.mark.parametrize("loss", ["pretrain", "sft"])
@@ -288,13 +290,13 @@ def test_losses_run_the_last_layer_on_masked_rows_only(loss):
         model.model.transformer.blocks[-1].ff_proj.register_forward_hook(
             lambda m, inp, out: seen.append(inp[0].shape[:-1]))
         torch.manual_seed(11)
-        value = (trainer.pretrain_loss(model, ids, mask_id=MASK) if loss == "pretrain"
-                 else trainer.sft_loss(model, ids, prompt_lengths, mask_id=MASK))
+        value = (training.pretrain_loss(model, ids, mask_id=MASK) if loss == "pretrain"
+                 else training.sft_loss(model, ids, prompt_lengths, mask_id=MASK))
         value.backward()
         return seen, [value.double()] + [p.grad.double() for p in model.parameters()]
 
     torch.manual_seed(11)
-    _, masked, _ = trainer.forward_process(ids, mask_id=MASK,
+    _, masked, _ = training.forward_process(ids, mask_id=MASK,
                                            prompt_lengths=None if loss == "pretrain" else prompt_lengths)
     seen, ours = run(True, torch.float32)
     assert seen == [(int(masked.sum()),)] and 0 < masked.sum() < masked.numel()
@@ -309,10 +311,12 @@ def test_losses_run_the_last_layer_on_masked_rows_only(loss):
 # Monte-Carlo log-likelihood against get_log_likelihood.py
 # --------------------------------------------------------------------------------------------
 
-def test_stratified_masks_follow_the_reference():
+def test_mc_forward_process_follows_the_reference():
     g = torch.Generator().manual_seed(0)
     for b, Lp, T in [(16, 5, 7), (4, 0, 1), (8, 3, 20)]:
-        is_mask, ratio = trainer.stratified_masks(b, Lp, T, generator=g)
+        seq = torch.randint(0, V - 2, (b, Lp + T), generator=g)
+        noisy, is_mask, ratio = training.mc_forward_process(seq, Lp, mask_id=MASK, generator=g)
+        assert torch.equal(noisy, torch.where(is_mask, MASK, seq)) and ratio.dtype == torch.float32
         n = is_mask.sum(1)
         assert not is_mask[:, :Lp].any() and ((n >= 1) & (n <= T)).all()
         torch.testing.assert_close(ratio, n / T)
@@ -340,7 +344,7 @@ def test_mc_batch_loss_matches_reference(cfg_scale):
     is_mask = perturbed == MASK
     with torch.no_grad():
         ref = official_mc_loss(model, seq, perturbed, p_mask, prompt_index, cfg_scale, MASK)
-        ours = trainer.mc_batch_loss(model, seq, is_mask, p_mask[:, 0], 5, cfg_scale=cfg_scale)
+        ours = training.mc_batch_loss(model, seq, is_mask, p_mask[:, 0], 5, cfg_scale=cfg_scale)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
 
 
@@ -349,20 +353,110 @@ def test_log_likelihood_of_one_token_is_exact():
     log softmax(logits)[answer] at that position."""
     model = tiny_model(seed=5).eval()
     prompt, answer = torch.randint(0, V - 2, (6,)), torch.tensor([4])
-    ll = trainer.log_likelihood(model, prompt, answer, mc_num=8, batch_size=4)
+    ll = training.log_likelihood(model, prompt, answer, mc_num=8, batch_size=4)
     x = torch.cat([prompt, torch.tensor([MASK])])[None]
     with torch.no_grad():
         want = torch.log_softmax(model(x).logits[0, -1], -1)[4]
     assert math.isclose(ll, float(want), rel_tol=1e-5)
     with pytest.raises(ValueError, match="multiple of batch_size"):
-        trainer.log_likelihood(model, prompt, answer, mc_num=6, batch_size=4)
+        training.log_likelihood(model, prompt, answer, mc_num=6, batch_size=4)
 
 
 def test_log_likelihood_is_reproducible_and_ranks_answers():
     model = tiny_model(seed=6).eval()
     prompt = torch.randint(0, V - 2, (4,))
-    a = trainer.log_likelihood(model, prompt, torch.tensor([1, 2, 3]), mc_num=16, batch_size=8,
+    a = training.log_likelihood(model, prompt, torch.tensor([1, 2, 3]), mc_num=16, batch_size=8,
                                generator=torch.Generator().manual_seed(0))
-    b = trainer.log_likelihood(model, prompt, torch.tensor([1, 2, 3]), mc_num=16, batch_size=8,
+    b = training.log_likelihood(model, prompt, torch.tensor([1, 2, 3]), mc_num=16, batch_size=8,
                                generator=torch.Generator().manual_seed(0))
     assert a == b and a < 0
+
+
+def test_log_likelihood_of_a_logits_only_model_is_the_same():
+    """One estimator for every model: a plain callable returning logits takes the logits path,
+    an LLaDAModel the fused one; with the same noise they agree."""
+    model = tiny_model(seed=6).eval()
+    prompt, answer = torch.randint(0, V - 2, (4,)), torch.randint(0, V - 2, (5,))
+
+    def logits_only(ids):
+        return model(ids).logits
+
+    for cfg_scale in (0.0, 1.0):
+        a, b = (training.log_likelihood(m, prompt, answer, mc_num=8, batch_size=4, cfg_scale=cfg_scale,
+                                        mask_id=MASK, generator=torch.Generator().manual_seed(2))
+                for m in (model, logits_only))
+        assert math.isclose(a, b, rel_tol=1e-5)
+    assert training.get_log_likelihood is training.log_likelihood  # LLaDA's name
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input names the argument (issue 9 item 13)
+# --------------------------------------------------------------------------------------------
+
+def test_sft_prompt_as_long_as_the_sequence_blames_prompt_lengths():
+    model = tiny_model()
+    ids, _ = padded_ids(B=3, L=10)
+    for bad in (torch.tensor([3, 10, 2]), torch.tensor([3, -1, 2])):
+        with pytest.raises(ValueError, match=r"sft_loss: prompt_lengths\[1\] = -?1?0? must be in \[0, L\) = \[0, 10\)"):
+            training.sft_loss(model, ids, bad)
+        with pytest.raises(ValueError, match=r"llada_sft_loss: prompt_lengths\[1\]"):
+            training.llada_sft_loss(torch.randn(3, 10, V), ids, torch.ones(3, 10, dtype=torch.bool),
+                                    torch.ones(3), bad)
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (torch.tensor([3, 2]), ValueError, r"prompt_lengths must have shape \[B\] = \[3\]; got \[2\]"),
+    (torch.tensor([[3], [2], [1]]), ValueError, r"shape \[B\] = \[3\]; got \[3, 1\]"),
+    (torch.tensor([3.0, 2.0, 1.0]), TypeError, r"prompt_lengths must be a \[B\] integer tensor"),
+    ([3, 2, 1], TypeError, r"prompt_lengths must be a \[B\] integer tensor; got list"),
+])
+def test_wrong_prompt_lengths_are_named(bad, exc, match):
+    ids, _ = padded_ids(B=3, L=10)
+    with pytest.raises(exc, match=match):
+        training.sft_loss(tiny_model(), ids, bad)
+    with pytest.raises(exc, match=match):
+        training.forward_process(ids, prompt_lengths=bad)
+
+
+@pytest.mark.parametrize("eps", [float("nan"), 0.0, -0.1, 1.5, float("inf"), "0.1"])
+def test_pretrain_loss_refuses_bad_eps(eps):
+    ids, _ = padded_ids()
+    with pytest.raises(ValueError, match=r"pretrain_loss: eps must be a float in \(0, 1\]"):
+        training.pretrain_loss(tiny_model(), ids, eps=eps)
+    with pytest.raises(ValueError, match=r"forward_process: eps must be a float in \(0, 1\]"):
+        training.forward_process(ids, eps=eps)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(batch_size=0, mc_num=0), r"mc_num must be a positive int; got 0"),
+    (dict(batch_size=0), r"batch_size must be a positive int; got 0"),
+    (dict(batch_size=2.0), r"batch_size must be a positive int; got 2.0"),
+    (dict(mc_num=-4, batch_size=2), r"mc_num must be a positive int; got -4"),
+    (dict(cfg_scale=float("nan")), r"cfg_scale must be a finite float >= 0; got nan"),
+    (dict(answer=torch.tensor([], dtype=torch.long)), r"answer is empty"),
+    (dict(prompt=torch.zeros(1, 3, dtype=torch.long)), r"prompt must have 1 dimensions"),
+])
+def test_log_likelihood_bad_arguments(kw, match):
+    args = dict(prompt=torch.tensor([1, 2, 3]), answer=torch.tensor([4, 5]), mc_num=4, batch_size=2)
+    args.update(kw)
+    with pytest.raises((ValueError, TypeError), match=match):
+        training.log_likelihood(tiny_model(), **args)
+
+
+def test_mask_id_outside_the_vocabulary_is_named():
+    ids, _ = padded_ids()
+    with pytest.raises(ValueError, match=r"pretrain_loss: mask_id \(40\) is outside the model's vocabulary \[0, 40\)"):
+        training.pretrain_loss(tiny_model(), ids, mask_id=V)
+
+
+def test_trainer_is_a_deprecated_alias():
+    import importlib
+    import sys
+    sys.modules.pop("llada_kernels.trainer", None)
+    with pytest.warns(DeprecationWarning, match="llada_kernels.training"):
+        trainer = importlib.import_module("llada_kernels.trainer")
+    assert trainer.pretrain_loss is training.pretrain_loss and trainer.log_likelihood is training.log_likelihood
+    assert trainer.patch_llada is patch_llada and trainer.LLADA_MASK_ID == 126336
+    masked, ratio = trainer.stratified_masks(8, 3, 5, generator=torch.Generator().manual_seed(0))
+    assert masked.shape == (8, 8) and not masked[:, :3].any()
+    torch.testing.assert_close(ratio, masked.sum(1) / 5)

@@ -10,8 +10,7 @@ it exactly and where they differ by design.
 import torch
 import torch.nn.functional as F
 
-EOS_ID = 126081
-EOT_ID = 126348
+from ..constants import EOS_ID, EOT_ID, MASK_ID
 
 
 def add_gumbel_noise(logits, temperature):
@@ -77,7 +76,7 @@ def get_num_transfer_tokens(mask_index, steps):
 @torch.no_grad()
 def official_generate(model, prompt, attention_mask=None, steps=128, gen_length=128,
                       block_length=128, temperature=0., cfg_scale=0., remasking="low_confidence",
-                      mask_id=126336, logits_eos_inf=False, confidence_eos_eot_inf=False,
+                      mask_id=MASK_ID, logits_eos_inf=False, confidence_eos_eot_inf=False,
                       eos_id=EOS_ID, eot_id=EOT_ID):
     """generate.py's generate(), step for step. The only change: the EOS and EoT ids, which
     the reference writes as literals (126081, 126348), are arguments so that small test
