@@ -193,3 +193,40 @@ def test_avx_check_catches_a_wrong_link_order(tmp_path):
         subprocess.run(["g++", "-shared", *map(str, order), "-o", str(lib)], check=True)
         offenders = outside_the_avx_copies(functions_with_avx(lib))
         assert bool(offenders) == bad and all("total" in f for f in offenders), offenders
+
+
+QEMU = shutil.which("qemu-x86_64-static") or shutil.which("qemu-x86_64")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not X86 or QEMU is None, reason="needs qemu-x86_64 (user mode) to emulate a CPU without AVX")
+def test_runs_on_a_cpu_without_avx(tmp_path):
+    """The real thing, where qemu is installed: import and run every CPU kernel on an emulated
+    Nehalem (SSE4.2, no AVX). numpy is hidden from the child: its wheels need more than that CPU
+    has (torch runs without it). About two minutes of emulation."""
+    fake = tmp_path / "numpy"
+    fake.mkdir()
+    (fake / "__init__.py").write_text('raise ModuleNotFoundError("numpy is hidden")\n')
+    code = textwrap.dedent("""
+        import torch, llada_kernels as lk
+        assert lk.cpu_capability() == "DEFAULT" and lk.cpu_capabilities() == ["DEFAULT"]
+        q, k, v = (torch.randn(1, 2, 70, 32, requires_grad=True) for _ in range(3))
+        out = lk.bidirectional_attention(q, k, v, backend="cpu")
+        want = lk.bidirectional_attention(q.double(), k.double(), v.double(), backend="reference")
+        out.sum().backward()
+        assert (out.double() - want).abs().max() < 1e-5 and torch.isfinite(q.grad).all()
+        x, n = lk.remask_step(torch.randn(2, 8, 1000), torch.full((2, 8), 7), 3, mask_id=7, backend="cpu")
+        assert n.sum() == 6
+        lg = torch.randn(2, 8, 100)
+        args = (torch.randint(0, 100, (2, 8)), torch.ones(2, 8, dtype=torch.bool), torch.ones(2))
+        a = lk.masked_diffusion_loss(lg, *args, backend="cpu")
+        b = lk.masked_diffusion_loss(lg, *args, backend="reference")
+        assert abs(a.item() - b.item()) < 1e-3 * abs(b.item())
+        print("ran")
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]),
+           "OMP_NUM_THREADS": "1"}
+    env.pop("LLADA_CPU_CAPABILITY", None)
+    p = subprocess.run([QEMU, "-cpu", "Nehalem", sys.executable, "-c", code], capture_output=True,
+                       text=True, env=env, timeout=1200)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ran"), p.stderr[-3000:]
