@@ -1,7 +1,7 @@
 // The backward of llada::attention_fwd on the CPU: llada::attention_bwd (schema: csrc/ops.cpp;
 // what it shares with the forward, and the notation: attention.h).
 //
-// With delta_i = sum_d dO_id O_id (one pass over dO and O first, see delta_kernel):
+// With delta_i = sum_d dO_id O_id:
 //   P = exp(S - lse),  dP = dO V^T,  dS = P (dP - delta),
 //   dV = P^T dO,  dK = scale dS^T Q,  dQ = scale dS K
 // in one pass of five products per (query tile, key tile) pair that the mask does not skip,
@@ -14,8 +14,13 @@
 // accumulating the tile's dQ^T over the chunk's keys. With one chunk per head (B Hkv >= threads)
 // that is the whole dQ, written once. With C > 1 chunks each writes a partial dQ into
 // dq_part[c] and a second pass sums the C partials in chunk order: no atomics, and the same bits
-// for any thread count of one C. Extra memory: delta [B, Hq, Lq], per thread one chunk's keys
-// and one query tile, and the partial dQs when C > 1: never Lq x Lk.
+// for any thread count of one C. delta is formed per query tile where it is used (again by each
+// chunk when C > 1: kBM^2 D per tile against the chunk's 5 kBM kBN D per key tile), by the very
+// product that forms dP^T = V dO^T (same packing, same brgemm shape: the diagonal of O dO^T).
+// Where one key dominates a row, O is that key's value row bit for bit, so dP - delta is exactly
+// 0 there and dS = 0: no rounding noise for |Q| (up to 1e30) to multiply into dK and dQ.
+// Extra memory: per thread one chunk's keys and one query tile, and the partial dQs when C > 1:
+// never Lq x Lk. One parallel region (two when C > 1).
 
 #include <torch/library.h>
 
@@ -26,31 +31,7 @@ namespace CPU_CAPABILITY {
 namespace {
 
 constexpr int64_t kBM = 64;  // query tile (a multiple of 2 kW)
-static_assert(kBM == kBN, "delta_kernel's product must have the shape of dP^T's");
-
-// delta[b, h, i] = sum_d dO[b, h, i, d] O[b, h, i, d], in fp32, by the very product that forms
-// dP^T = V dO^T in the backward (same packing, same brgemm shape: the diagonal of O dO^T). Where
-// one key dominates a row, O is that key's value row bit for bit, so dP - delta is exactly 0
-// there and dS = 0: no rounding noise for |Q| (up to 1e30) to multiply into dK and dQ.
-template <typename T, typename C>
-void delta_kernel(const at::Tensor& dout_, const at::Tensor& out_, int64_t Kd, float* delta) {
-  const Rows<const T> dout(dout_), out(out_);
-  const int64_t H = out_.size(1), L = out_.size(2), D = out_.size(3);
-  const int64_t q_tiles = ceil_div(L, kBM);
-  at::parallel_for(0, out_.size(0) * H * q_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<C> o(kBM * Kd), dot(Kd * kBM);
-    std::vector<float> prod(kBM * kBM);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / (H * q_tiles), h = i / q_tiles % H, m0 = i % q_tiles * kBM;
-      const int64_t rows = std::min(kBM, L - m0);
-      pack_a<C>(o.data(), Kd, out, b, h, m0, rows, kBM, D);
-      pack_b_cols<C>(dot.data(), kBM, dout, b, h, m0, rows, D, Kd);
-      gemm(kBM, kBM, Kd, o.data(), Kd, dot.data(), kBM, prod.data(), kBM, false);
-      for (int64_t r = 0; r < rows; ++r) delta[(b * H + h) * L + m0 + r] = prod[r * kBM + r];
-    }
-    release_products<C>();
-  });
-}
+static_assert(kBM == kBN, "delta's product must have the shape of dP^T's");
 
 // One thread's scratch. C = float: P^T and dS^T are written over S^T and dP^T.
 template <typename C>
@@ -59,6 +40,8 @@ struct Scratch {
   std::vector<float> dk, dv;        // [chunk keys x Dp]
   std::vector<C> qt, dot;           // Q^T, dO^T [Kd x kBM] (B, reduced along D)
   std::vector<C> qs, dos;           // Q, dO [kBM x D] (B, reduced along the rows)
+  std::vector<C> o;                 // O [kBM x Kd] (A), for delta
+  std::vector<float> prod;          // O dO^T [kBM x kBM], for delta
   std::vector<float> dqt;           // dQ^T [D x kBM]
   std::vector<float> st, dpt;       // S^T, dP^T [kBN x kBM]
   std::vector<C> pt, dst, dst_b;    // P^T, dS^T (A) and dS^T as a B operand (bf16 only)
@@ -71,6 +54,7 @@ struct Scratch {
     k.resize(keys * Kd), v.resize(keys * Kd), kt.resize(chunk_tiles * D * kBN);
     dk.resize(keys * Dp), dv.resize(keys * Dp);
     qt.resize(Kd * kBM), dot.resize(Kd * kBM), qs.resize(kBM * D), dos.resize(kBM * D);
+    o.resize(kBM * Kd), prod.resize(kBM * kBM);
     dqt.resize(D * kBM), st.resize(kBN * kBM), dpt.resize(kBN * kBM);
     pt.resize(lowp), dst.resize(lowp), dst_b.resize(lowp);
     qdoc.resize(kBM), level.resize(kBM), lse.resize(kBM), delta.resize(kBM);
@@ -108,10 +92,10 @@ void probabilities(float* st, float* dpt, const int32_t* qdoc, const int32_t* le
 
 template <typename T, typename C>
 void backward(const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_,
-              const at::Tensor& v_, const Mask& mask, const float* lse, const float* delta,
+              const at::Tensor& v_, const Mask& mask, const at::Tensor& out_, const float* lse,
               float scale, at::Tensor& dq_, at::Tensor& dk_, at::Tensor& dv_) {
   const Dims s(q_, k_);
-  const Rows<const T> dout(dout_), q(q_), k(k_), v(v_);
+  const Rows<const T> dout(dout_), q(q_), k(k_), v(v_), out(out_);
   const Rows<T> dq(dq_), dk(dk_), dv(dv_);
   const int64_t D = s.D, Kd = round_up(D, kPair<C>), Dp = round_up(D, kW);
   const int64_t q_tiles = ceil_div(s.Lq, kBM), heads = s.B * s.Hkv;
@@ -174,13 +158,15 @@ void backward(const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k
             pack_b_cols<C>(w.dot.data(), kBM, dout, b, h, m0, rows, D, Kd);
             pack_b_rows<C>(w.qs.data(), q, b, h, m0, rows, kBM, D, q_scale);
             pack_b_rows<C>(w.dos.data(), dout, b, h, m0, rows, kBM, D);
+            pack_a<C>(w.o.data(), Kd, out, b, h, m0, rows, kBM, D);
+            gemm(kBM, kBM, Kd, w.o.data(), Kd, w.dot.data(), kBM, w.prod.data(), kBM, false);
             const int64_t row0 = (b * s.Hq + h) * s.Lq + m0;
             for (int64_t i = 0; i < kBM; ++i) {  // padded query rows get P = 0
               const bool in = i < rows;
               w.qdoc[i] = in ? mask.qdoc(b)[m0 + i] : 0;
               w.level[i] = in ? mask.level(b)[m0 + i] : 0;
               w.lse[i] = in ? lse[row0 + i] : kInf;
-              w.delta[i] = in ? delta[row0 + i] : 0.f;
+              w.delta[i] = in ? w.prod[i * kBM + i] : 0.f;  // the diagonal of O dO^T
             }
             std::fill(w.dqt.begin(), w.dqt.end(), 0.f);
 
@@ -263,16 +249,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     dq.zero_();
     return {dq, dk, dv};
   }
-  at::Tensor delta = at::empty(lse.sizes(), lse.options());
   const MaskTensors masks = masks_or_all(q_mask, k_mask, q.size(0), q.size(2), k.size(2));
   const Mask m = masks.view();
   const float sc = static_cast<float>(scale);
   const auto run = [&](auto t_tag, auto c_tag) {
     using T = decltype(t_tag);
     using C = decltype(c_tag);
-    delta_kernel<T, C>(grad_out, out, round_up(q.size(3), kPair<C>), delta.data_ptr<float>());
-    backward<T, C>(grad_out, q, k, v, m, lse.data_ptr<float>(), delta.data_ptr<float>(), sc, dq,
-                   dk, dv);
+    backward<T, C>(grad_out, q, k, v, m, out, lse.data_ptr<float>(), sc, dq, dk, dv);
   };
   switch (q.scalar_type()) {
     case at::kFloat: run(float{}, float{}); break;

@@ -8,10 +8,11 @@
 // and ends with O / l and lse = m + log l. A row that has seen no key yet (m = -inf) adds
 // nothing; a row that never sees one gets O = 0, lse = +inf.
 //
-// Before the query tiles, each KV head's keys and values are packed once into B operands
-// (K^T [Kd x kBN] and V [kBN x D] per key tile, fp32 or bf16 VNNI), shared by every query head
-// of the group and every thread. Extra memory: that copy of K and V, and per thread one query
-// tile's Q, S, P and O: O(L D), never Lq x Lk.
+// Keys and values are packed into B operands (K^T [Kd x kBN] and V [kBN x D] per key tile, fp32
+// or bf16 VNNI) by each thread, for the KV head of the query tile at hand, and only the key tiles
+// the mask leaves to it; a thread's next query tiles (the same head, or another query head of
+// its group) reuse them. So one call is one parallel region. Extra memory per thread: one KV
+// head's packed tiles and one query tile's Q, S, P and O: O(L D), never Lq x Lk.
 
 #include <torch/library.h>
 
@@ -23,17 +24,19 @@ namespace {
 
 constexpr int64_t kBM = 64;  // query tile
 
-// One query tile's scratch, per thread.
+// One thread's scratch: one KV head's packed key tiles, and one query tile.
 template <typename C>
 struct Scratch {
-  std::vector<C> q;        // [kBM x Kd] A operand
-  std::vector<float> s;    // [kBM x kBN] scores
-  std::vector<C> p;        // [kBM x kBN] probabilities, as the A operand of P V (C = bf16)
-  std::vector<float> o;    // [kBM x Dp] accumulator
-  std::vector<float> m, l; // [kBM]
-  Scratch(int64_t Kd, int64_t Dp)
-      : q(kBM * Kd), s(kBM * kBN), p(std::is_same_v<C, float> ? 0 : kBM * kBN), o(kBM * Dp),
-        m(kBM), l(kBM) {}
+  std::vector<C> kv;            // per key tile: K^T [Kd x kBN] then V [kBN x D] (B operands)
+  std::vector<int64_t> kv_head; // per key tile: the (b, hk) it holds, -1 for none
+  std::vector<C> q;             // [kBM x Kd] A operand
+  std::vector<float> s;         // [kBM x kBN] scores
+  std::vector<C> p;             // [kBM x kBN] probabilities, the A operand of P V (C = bf16)
+  std::vector<float> o;         // [kBM x Dp] accumulator
+  std::vector<float> m, l;      // [kBM]
+  Scratch(int64_t k_tiles, int64_t tile_elems, int64_t Kd, int64_t Dp)
+      : kv(k_tiles * tile_elems), kv_head(k_tiles, -1), q(kBM * Kd), s(kBM * kBN),
+        p(std::is_same_v<C, float> ? 0 : kBM * kBN), o(kBM * Dp), m(kBM), l(kBM) {}
 };
 
 // The online-softmax update of R rows of a score tile (their scores S [R x kBN] from Q K^T):
@@ -111,23 +114,10 @@ void forward(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, c
   const std::vector<QStats> qstats = query_stats(mask, s.B, kBM);
   const int64_t k_tiles = keys.tiles;
 
-  // Packed keys and values: per (b, hk, key tile) K^T [Kd x kBN] then V [kBN x D].
   const int64_t tile_elems = Kd * kBN + kBN * D;
-  const at::Tensor packed_ = at::empty({s.B * s.Hkv * k_tiles * tile_elems},
-                                       q_.options().dtype(c10::CppTypeToScalarType<C>::value));
-  C* packed = static_cast<C*>(packed_.data_ptr());
-  at::parallel_for(0, s.B * s.Hkv * k_tiles, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / (s.Hkv * k_tiles), hk = i / k_tiles % s.Hkv, t = i % k_tiles;
-      const int64_t n0 = t * kBN, n = std::min(kBN, s.Lk - n0);
-      C* kt = packed + i * tile_elems;
-      pack_b_cols<C>(kt, kBN, k, b, hk, n0, n, D, Kd);
-      pack_b_rows<C>(kt + Kd * kBN, v, b, hk, n0, n, kBN, D);
-    }
-  });
 
   for_each_unit(
-      s.B * s.Hq * q_tiles, [&] { return Scratch<C>(Kd, Dp); },
+      s.B * s.Hq * q_tiles, [&] { return Scratch<C>(k_tiles, tile_elems, Kd, Dp); },
       [&](Scratch<C>& w, int64_t unit) {
         const int64_t b = unit / (s.Hq * q_tiles), h = unit / q_tiles % s.Hq;
         const int64_t tq = unit % q_tiles, m0 = tq * kBM, rows = std::min(kBM, s.Lq - m0);
@@ -144,7 +134,13 @@ void forward(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, c
         for (int64_t t = 0; t < k_tiles; ++t) {
           const Kind kind = classify(qs, keys.stats[b * k_tiles + t]);
           if (kind == Kind::kSkip) continue;
-          const C* kt = packed + ((b * s.Hkv + hk) * k_tiles + t) * tile_elems;
+          C* kt = w.kv.data() + t * tile_elems;
+          if (w.kv_head[t] != b * s.Hkv + hk) {  // this thread has not packed this tile yet
+            const int64_t n0 = t * kBN, n = std::min(kBN, s.Lk - n0);
+            pack_b_cols<C>(kt, kBN, k, b, hk, n0, n, D, Kd);
+            pack_b_rows<C>(kt + Kd * kBN, v, b, hk, n0, n, kBN, D);
+            w.kv_head[t] = b * s.Hkv + hk;
+          }
           gemm(rows, kBN, Kd, w.q.data(), Kd, kt, kBN, w.s.data(), kBN, false);  // Q K^T
           const bool partial = kind == Kind::kPartial;
           const int32_t* kdoc = keys.tile_doc(b, t);
