@@ -11,8 +11,8 @@
 // So the C fragments of two neighbouring 16x8 tiles are, once packed to 16 bits, the A
 // fragment of their 16x16 union: attention keeps P in registers between its two products.
 //
-// The loaders read shared memory with plain C++ (no ldmatrix), so the same code can be
-// emulated on the host one day.
+// The loaders read shared memory with plain C++ (no ldmatrix), so the same code runs on the
+// host emulation of csrc/emu, where mma_16816 is llada_emu::mma_m16n8k16.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -91,6 +91,8 @@ __device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], const
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
+#elif defined(LLADA_CUDA_EMU)
+  ::llada_emu::mma_m16n8k16(c, a, b, std::is_same_v<T, __half>);  // the host emulation (csrc/emu)
 #else
   __trap();  // tensor cores of this shape need sm_80
 #endif
