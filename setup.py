@@ -20,6 +20,7 @@ loads (csrc/isa.h). The machine that builds plays no part either: the wheel runs
 
 import os
 import re
+import runpy
 import shutil
 import subprocess
 from pathlib import Path
@@ -28,6 +29,8 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+# The supported range of torch and Triton (llada_kernels/_versions.py, also checked at import).
+VERSIONS = runpy.run_path(str(ROOT / "llada_kernels" / "_versions.py"))
 
 
 # The flags of each CPU capability, as ATen compiles its own kernels (CMakeLists.txt has the same
@@ -112,6 +115,10 @@ def _extension():
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
+    if VERSIONS["parse"](torch.__version__) < VERSIONS["parse"](VERSIONS["MIN_TORCH"]):
+        raise SystemExit(f"llada_kernels builds against torch >= {VERSIONS['MIN_TORCH']}; "
+                         f"this interpreter has torch {torch.__version__}")
+
     with_cuda = cuda_home is not None and torch.version.cuda is not None
     sources = [s for s in _sources() if with_cuda or not s.endswith(".cu")]
     kernels = [s for s in sources if _is_cpu_kernel(s)]
@@ -148,8 +155,8 @@ setup(
     cmdclass={"build_ext": build_ext},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "numpy", "safetensors>=0.4.3"],
-    extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark"],
-                    "cli": ["tokenizers", "tqdm"]},
+    install_requires=[f"torch>={VERSIONS['MIN_TORCH']}", "numpy", "safetensors>=0.4.3"],
+    extras_require={"triton": [f"triton>={VERSIONS['MIN_TRITON']}"],
+                    "test": ["pytest", "pytest-benchmark"], "cli": ["tokenizers", "tqdm"]},
     entry_points={"console_scripts": ["llada-kernels = llada_kernels.cli:main"]},
 )
