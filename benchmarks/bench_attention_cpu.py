@@ -4,7 +4,7 @@
 
 B=1 H=4 and B=2 H=8, L = 1024 and 4096, D = 64 and 128, unpadded and padded (the first 10% of
 every row's keys), fp32 and bf16. Providers in one row group: "ours"
-(llada_kernels.bidirectional_attention on the cpu backend) and "sdpa"
+(llada_kernels.attention with key_padding_mask, on the cpu backend) and "sdpa"
 (F.scaled_dot_product_attention with the same boolean mask: PyTorch's CPU flash kernel).
 Target: ours at least 1.0x SDPA everywhere. Eager math is left out here (minutes per call at
 these sizes); benchmarks/bench_bidirectional_attention.py compares it at B=1 H=4 D=64.
@@ -46,7 +46,7 @@ def test_attention_cpu(benchmark, case, provider):
         mask = torch.ones(B, L, dtype=torch.bool)
         mask[:, : L // 10] = False
     if provider == "ours":
-        fn = lambda: lk.bidirectional_attention(q, k, v, mask, backend="cpu")  # noqa: E731
+        fn = lambda: lk.attention(q, k, v, key_padding_mask=mask, backend="cpu")  # noqa: E731
     else:
         attn = None if mask is None else mask[:, None, None, :]
         fn = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=attn)  # noqa: E731
