@@ -34,6 +34,11 @@ ROOT=$PWD
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 PY=${PYTHON:-python3}
+# setup.py finds the toolkit through the nvcc on PATH (or CUDA_HOME); a GPU machine whose PATH
+# lacks it but has the usual toolkit folder builds with that one rather than CPU-only.
+if ! command -v nvcc >/dev/null && [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export PATH="/usr/local/cuda/bin:$PATH"
+fi
 OUT=${OUT:-$ROOT/build/gpu-check/out}
 WORK=$(mktemp -d)  # what the stages leave for report.py
 trap 'rm -rf "$WORK"' EXIT
