@@ -545,8 +545,7 @@ KERNEL_CASES = [
 ]
 
 needs_cpu = pytest.mark.skipif(not _backend.has_kernel("attention_fwd", "CPU"),
-                               reason="this build has no C++ CPU kernel for llada::attention_fwd "
-                                      "(the cpu-isa branch adds it)")
+                               reason="llada_kernels._C has no CPU kernel")
 
 
 def _triton_device():
@@ -623,12 +622,11 @@ def test_cpu_matches_sdpa(case, dtype):
     check_backend("cpu", "cpu", shape, kind, dtype)
 
 
+@needs_cpu
 @pytest.mark.parametrize("B", [1, 4, 32, 37])
-def test_cpu_or_reference_batch_sizes(B):
+def test_cpu_batch_sizes(B):
     """b in the issue's batch sizes: 37 rows, each with its own documents and padding."""
-    backend = "cpu" if _backend.has_kernel("attention_fwd", "CPU") else "reference"
-    dtype = torch.float32 if backend == "cpu" else torch.bfloat16
-    check_backend(backend, "cpu", (B, 2, 1, 45, 45, 8), "block_causal_docs", dtype, seed=B)
+    check_backend("cpu", "cpu", (B, 2, 1, 45, 45, 8), "block_causal_docs", torch.float32, seed=B)
 
 
 @needs_cpu
@@ -639,18 +637,6 @@ def test_cpu_opcheck():
         2, 13, gen)).tensors(2)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     torch.library.opcheck(torch.ops.llada.attention_fwd, (q, k, v, qm, km, 0.25))
-
-
-def test_cpu_backend_without_the_kernel_says_so():
-    if _backend.has_kernel("attention_fwd", "CPU"):
-        pytest.skip("this build has the structured-mask CPU kernel")
-    q = k = v = torch.randn(1, 1, 8, 16)
-    _bad(lk.attention, r"backend .cpu. cannot run a block_causal mask: .* llada::attention_fwd, "
-         "is not built", q, k, v, block_size=4, backend="cpu", exc=lk.BackendUnavailable)
-    # key padding alone still runs there, on the former kernel
-    kpm = torch.tensor([[True] * 6 + [False] * 2])
-    torch.testing.assert_close(lk.attention(q, k, v, key_padding_mask=kpm, backend="cpu"),
-                               lk.attention(q, k, v, key_padding_mask=kpm, backend="reference"))
 
 
 @pytest.mark.parametrize("backend", ["reference",

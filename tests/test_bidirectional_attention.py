@@ -141,20 +141,17 @@ def test_reference_gradients_zero_on_empty_rows():
 
 # ---- the C++ CPU kernels ------------------------------------------------------------------
 
-# Key padding runs on llada::attention_fwd's CPU kernel, or on the former
-# llada::bidirectional_attention_fwd one in a build that does not have it yet.
-CPU_KERNEL = next((op for op in ("attention_fwd", "bidirectional_attention_fwd")
-                   if _backend.has_kernel(op, "CPU")), None)
-needs_cpu = pytest.mark.skipif(CPU_KERNEL is None, reason="llada_kernels._C has no CPU kernel")
+# The CPU kernel implements the structured-mask schema (llada::attention_fwd); the public op
+# turns the key-padding mask into its vectors (masks.key_padding).
+needs_cpu = pytest.mark.skipif("cpu" not in lk.available_backends("attention_fwd", "cpu"),
+                               reason="llada_kernels._C has no CPU kernel")
 
 
-def cpu_fwd_args(q, k, v, key_padding_mask, scale):
-    """The arguments of the CPU kernel's forward schema for a key-padding mask."""
-    if CPU_KERNEL == "bidirectional_attention_fwd":
-        return q, k, v, key_padding_mask, scale
-    qm, km = (None, None) if key_padding_mask is None else \
-        masks.key_padding(key_padding_mask, q.shape[2]).tensors(q.shape[0])
-    return q, k, v, qm, km, scale
+def padding_masks(key_padding_mask, Lq):
+    """(q_mask, k_mask) of a [B, Lk] key-padding mask, or (None, None)."""
+    if key_padding_mask is None:
+        return None, None
+    return masks.key_padding(key_padding_mask, Lq).tensors(key_padding_mask.shape[0])
 
 
 @needs_cpu
@@ -195,7 +192,7 @@ def test_cpu_backward_key_chunks(threads, kind):
 def test_cpu_lse_and_scale():
     q, k, v, gen = make_inputs(2, 4, 2, 17, 70, 32, torch.float32)
     mask = make_mask("empty_row", 2, 70, gen)
-    out, lse = getattr(torch.ops.llada, CPU_KERNEL)(*cpu_fwd_args(q, k, v, mask, 0.3))
+    out, lse = torch.ops.llada.attention_fwd(q, k, v, *padding_masks(mask, 17), 0.3)
     r_out, r_lse = ref.bidirectional_attention(q.double(), k.double(), v.double(), mask, 0.3,
                                                return_lse=True)
     torch.testing.assert_close(out, r_out.float(), rtol=0, atol=2e-6)
@@ -218,7 +215,7 @@ def test_opcheck(masked):
     q, k, v, gen = make_inputs(2, 4, 2, 9, 13, 16, torch.float32)
     mask = make_mask("empty_row", 2, 13, gen) if masked else None
     q, k, v = (x.requires_grad_() for x in (q, k, v))
-    torch.library.opcheck(getattr(torch.ops.llada, CPU_KERNEL), cpu_fwd_args(q, k, v, mask, 0.25))
+    torch.library.opcheck(torch.ops.llada.attention_fwd, (q, k, v, *padding_masks(mask, 9), 0.25))
 
 
 @needs_cpu

@@ -13,9 +13,7 @@ from .. import _backend, _checks, masks
 from ..reference import attention as reference
 
 OP = "attention"
-KERNEL = "attention_fwd"                   # the schema whose kernels _backend looks up
-OLD_KERNEL = "bidirectional_attention_fwd"  # key padding only; the C++ CPU kernel until the
-                                            # structured-mask CPU kernel lands
+KERNEL = "attention_fwd"  # the schema whose kernels _backend looks up
 
 # What each compiled backend runs: (dtypes, head dims). The reference runs anything.
 SUPPORTED = {
@@ -87,7 +85,7 @@ def attention(
     # of LLaDA 1, kept as a tensor: no description is built unless a kernel needs one).
     mask = _mask(mask, B, Lq, Lk, q.device, key_padding_mask, block_size, q_offset, q_positions,
                  cu_seqlens, document_ids)
-    name = _resolve(backend, q.device)
+    name = _backend.resolve(KERNEL, backend, q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if not math.isfinite(scale):
         _checks.fail(OP, f"scale must be finite; got {scale}")
@@ -100,8 +98,6 @@ def attention(
     _checks.check_in(OP, "q.dtype", q.dtype, dtypes, f" on the {name} backend")
     _checks.check_in(OP, "the head dimension D", D, head_dims, f" on the {name} backend")
     q, k, v = _checks.unit_stride(q), _checks.unit_stride(k), _checks.unit_stride(v)
-    if name == "cpu" and not _backend.has_kernel(KERNEL, "CPU"):
-        return _old_cpu_kernel(q, k, v, mask, B, scale)
     if isinstance(mask, torch.Tensor):
         q_mask, k_mask = masks.key_padding_tensors(mask, Lq)
     else:
@@ -188,30 +184,6 @@ def _mask(mask, B, Lq, Lk, device, key_padding_mask, block_size, q_offset, q_pos
     return mask
 
 
-def _resolve(backend, device):
-    """The backend's name. The cpu backend needs llada::attention_fwd on CPU, or, for key
-    padding alone, the former llada::bidirectional_attention_fwd (see _old_cpu_kernel)."""
-    op = KERNEL
-    if device.type == "cpu" and not _backend.has_kernel(KERNEL, "CPU") \
-            and _backend.has_kernel(OLD_KERNEL, "CPU"):
-        op = OLD_KERNEL
-    return _backend.resolve(op, backend, device)
-
-
-def _old_cpu_kernel(q, k, v, mask, B, scale):
-    """Key padding (or nothing) on the former C++ CPU kernel, while this build has no CPU
-    kernel for llada::attention_fwd."""
-    if isinstance(mask, masks.AttentionMask) and mask.kind != "key_padding":
-        raise _backend.BackendUnavailable(
-            f"{OP}: backend 'cpu' cannot run a {mask.kind} mask: this build's C++ CPU kernel "
-            "takes key padding only (the CPU kernel for structured masks, llada::attention_fwd, "
-            "is not built); use backend='reference', or 'triton' with TRITON_INTERPRET=1")
-    kpm = mask.key_padding_mask if isinstance(mask, masks.AttentionMask) else mask
-    kpm = None if kpm is None else kpm.expand(B, -1).contiguous()
-    out, _ = torch.ops.llada.bidirectional_attention_fwd(q, k, v, kpm, scale)
-    return out
-
-
 # ---- fakes and autograd, for every schema twin -------------------------------------------
 
 def _fwd_fake(q, k, v, *masks_and_scale):
@@ -227,7 +199,7 @@ def _bwd_fake(grad_out, q, k, v, *rest):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, *mask_tensors, scale = inputs           # (q_mask, k_mask) or (key_padding_mask,)
+    q, k, v, *mask_tensors, scale = inputs           # mask_tensors = (q_mask, k_mask)
     out, lse = output
     ctx.save_for_backward(q, k, v, *mask_tensors, out, lse)
     ctx.scale = scale
@@ -248,8 +220,7 @@ def _make_backward(bwd):
 
 
 def register():
-    ops = [("attention_fwd", "attention_bwd"), ("attention_fwd_triton", "attention_bwd_triton"),
-           ("bidirectional_attention_fwd", "bidirectional_attention_bwd")]
+    ops = [("attention_fwd", "attention_bwd"), ("attention_fwd_triton", "attention_bwd_triton")]
     for fwd, bwd in ops:
         torch.library.register_fake(f"llada::{fwd}")(_fwd_fake)
         torch.library.register_fake(f"llada::{bwd}")(_bwd_fake)

@@ -12,7 +12,9 @@
 # Stages, each in its own time box (seconds, overridable), all inside GPU_CHECK_TOTAL_S=450:
 #   env        versions, GPU and CPU -> summary.json's "machine"        GPU_CHECK_ENV_S=30
 #   build      setup.py build_ext --inplace for this GPU's arch only (LLADA_CUDA_ARCHS, if
-#              set, instead)                                             GPU_CHECK_BUILD_S=200
+#              set, instead), one job per core                           GPU_CHECK_BUILD_S=270
+#              (about its slowest file's compile: for sm_90 against torch 2.11, on 2 shared
+#              Zen 5 cores, the attention .cu took 177 s, the loss .cu 129 s, 410 s in all)
 #   tests      pytest tests/gpu, in parallel where pytest-xdist is installed (the big-memory
 #              tests on one worker), 120 s a test where pytest-timeout is   GPU_CHECK_TESTS_S=170
 #   contract   the non-finite contract's table on CUDA tensors (tests/test_contract.py, its
@@ -34,6 +36,11 @@ ROOT=$PWD
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 PY=${PYTHON:-python3}
+# setup.py finds the toolkit through the nvcc on PATH (or CUDA_HOME); a GPU machine whose PATH
+# lacks it but has the usual toolkit folder builds with that one rather than CPU-only.
+if ! command -v nvcc >/dev/null && [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export PATH="/usr/local/cuda/bin:$PATH"
+fi
 OUT=${OUT:-$ROOT/build/gpu-check/out}
 WORK=$(mktemp -d)  # what the stages leave for report.py
 trap 'rm -rf "$WORK"' EXIT
@@ -166,7 +173,7 @@ else
     "$PY" -c "import llada_kernels as lk, sys; b = lk.available_backends('remask_step', 'cuda'); print('backends on cuda:', b); sys.exit(0 if 'cuda' in b and 'triton' in b else 3)"
   }
   export -f build
-  if stage build "${GPU_CHECK_BUILD_S:-200}" bash -c build; then
+  if stage build "${GPU_CHECK_BUILD_S:-270}" bash -c build; then
     stage tests "${GPU_CHECK_TESTS_S:-170}" "${TEST_CMD[@]}"
     stage contract "${GPU_CHECK_CONTRACT_S:-60}" bash -c contract
     rm -f benchmarks/results/raw.json
