@@ -1,7 +1,8 @@
 """The `llada-kernels` console script.
 
-    llada-kernels demo [--quick] [--seed N]
-        Train a tiny LLaDA from scratch on the CPU and sample from it (llada_kernels.demo).
+    llada-kernels demo [--block-diffusion] [--quick] [--seed N]
+        Train a tiny LLaDA from scratch on the CPU and sample from it (llada_kernels.demo);
+        with --block-diffusion a block-diffusion one (llada_kernels.demo_block).
 
     llada-kernels generate --model DIR --prompt TEXT [--chat] [--steps ...]
         Run a released checkpoint (config.json, safetensors, tokenizer.json) on GPU or CPU.
@@ -23,9 +24,14 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 def _demo(args):
-    from . import demo
+    from . import demo, demo_block
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.block_diffusion:
+        cfg = demo_block.quick() if args.quick else demo_block.full()
+        cfg.seed = args.seed
+        demo_block.run(cfg)
+        return 0
     cfg = demo.DemoConfig.quick() if args.quick else demo.DemoConfig()
     cfg.seed = args.seed
     demo.run(cfg)
@@ -82,6 +88,9 @@ def main(argv=None) -> int:
 
     d = sub.add_parser("demo", help="train a tiny LLaDA on CPU and sample from it")
     d.add_argument("--quick", action="store_true", help="the short version (under a minute)")
+    d.add_argument("--block-diffusion", action="store_true",
+                   help="a block-diffusion model (LLaDA2-style): the 2L objective, then the "
+                        "block sampler with and without the exact KV cache")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 avoids oversubscription on a busy machine)")

@@ -5,6 +5,13 @@ NeoX-style RoPE, SwiGLU, optional grouped KV heads, and attention with no causal
 module tree reproduces the released parameter names exactly (`model.transformer.wte.weight`,
 `model.transformer.blocks.{i}.q_proj.weight`, ...), so a released state dict loads as is.
 
+Two attention modes, chosen by `config.block_size`:
+  * None (LLaDA 1 / 1.5): bidirectional, with key padding;
+  * b (block diffusion: LLaDA2, SDAR, Fast-dLLM v2, BD3-LM): block-causal, the query at
+    position i sees the key at j iff j // b <= i // b. The mask is built once per forward
+    (llada_kernels.masks, O(L) integers) and every layer reuses it. A trainer passes its own
+    (the 2L mask over [x_t ; x_0]) as `hidden_states(..., mask=)`.
+
 Shapes: B batch, L sequence, P cached prefix, D d_model, H query heads, Hkv key/value heads,
 Dh head dim, F mlp hidden size, V vocabulary (embedding_size rows).
 """
@@ -13,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from . import checkpoint as ckpt
 from ._checks import check_index, values_checked
 from .constants import EOS_ID, MASK_ID, VOCAB_SIZE
+from . import _backend, masks
 from .ops.attention import attention
 
 # Released config fields that name an architecture choice, with the value this model
@@ -75,6 +84,7 @@ class LLaDAConfig:
     pad_token_id: int = EOS_ID
     weight_tying: bool = False
     include_qkv_bias: bool = False
+    block_size: int | None = None        # None: bidirectional (LLaDA 1); b: block-causal
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -85,7 +95,7 @@ class LLaDAConfig:
                                  f"implements {name}={want!r}, as LLaDA-8B)")
         for name in ("d_model", "n_heads", "n_layers", "mlp_ratio", "vocab_size", "max_sequence_length"):
             _positive_int(name, getattr(self, name))
-        for name in ("n_kv_heads", "mlp_hidden_size", "embedding_size"):
+        for name in ("n_kv_heads", "mlp_hidden_size", "embedding_size", "block_size"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
         for name in ("weight_tying", "include_qkv_bias"):
@@ -137,7 +147,7 @@ class LLaDAConfig:
         out = {**_SUPPORTED, **_RELEASED, **({"auto_map": AUTO_MAP} if auto_map else {})}
         out.update(self.extra)
         out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                    if f.name != "extra"})
+                    if f.name != "extra" and not (f.name == "block_size" and self.block_size is None)})
         return out
 
 
@@ -250,13 +260,14 @@ class LLaDABlock(nn.Module):
         self.up_proj = nn.Linear(D, F_, bias=False)
         self.ff_out = nn.Linear(F_, D, bias=False)
 
-    def forward(self, x, cos, sin, key_mask, past_kv=None, backend=None, rows=None):
-        """x [B, L, D]; cos/sin [L, Dh] for x's positions; key_mask [B, P+L] bool or None;
-        past_kv: (k, v) [B, Hkv, P, Dh] of a cached prefix; rows: the output rows, as
+    def forward(self, x, cos, sin, mask, past_kv=None, backend=None, rows=None, rows_mask=None):
+        """x [B, L, D]; cos/sin [L, Dh] or [B, 1, L, Dh] for x's positions; mask: the
+        attention mask of every query, a [B, P+L] bool key padding mask, an AttentionMask, or
+        None; past_kv: (k, v) [B, Hkv, P, Dh] of a cached prefix; rows: the output rows, as
         LLaDAModel.hidden_states' output_positions (None, a slice, a [B, n] int64 index or a
-        [B, L] bool mask). Returns y [B, n, D] ([B, L, D] without rows; [N, D], the mask's
-        rows in order, with a bool mask) and this layer's (k, v) [B, Hkv, P+L, Dh], which
-        always cover every position."""
+        [B, L] bool mask), with rows_mask the attention mask of those rows' queries. Returns
+        y [B, n, D] ([B, L, D] without rows; [N, D], the mask's rows in order, with a bool
+        mask) and this layer's (k, v) [B, Hkv, P+L, Dh], which always cover every position."""
         B, L, D = x.shape
         n = self.attn_norm(x)
         k = self.k_proj(n).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, L, Dh]
@@ -267,22 +278,70 @@ class LLaDABlock(nn.Module):
             v = torch.cat((past_kv[1], v), dim=2)
         # Queries only for the output rows. A bool mask selects a different number of rows
         # per sequence: its queries stay [B, H, L, Dh] and the rows are picked after attention.
-        if isinstance(rows, slice):
-            x, n, cos, sin = x[:, rows], n[:, rows], cos[rows], sin[rows]
-        elif rows is not None and rows.dtype != torch.bool:  # [B, nq] positions
-            at = rows[..., None].expand(-1, -1, D)
-            x, n = x.gather(1, at), n.gather(1, at)
-            cos, sin = cos[rows][:, None], sin[rows][:, None]                           # [B, 1, nq, Dh]
+        if rows is not None and (isinstance(rows, slice) or rows.dtype != torch.bool):
+            x, n = _take_rows(x, rows), _take_rows(n, rows)
+            cos, sin = _take_rope_rows(cos, rows), _take_rope_rows(sin, rows)
+            mask = rows_mask
         Lq = x.shape[1]
         q = self.q_proj(n).view(B, Lq, self.n_heads, self.head_dim).transpose(1, 2)   # [B, H, Lq, Dh]
         q = apply_rope(q, cos, sin)
-        a = attention(q, k, v, key_padding_mask=key_mask, backend=backend)               # [B, H, Lq, Dh]
+        if isinstance(mask, masks.AttentionMask):
+            a = attention(q, k, v, mask, backend=backend)                               # [B, H, Lq, Dh]
+        else:
+            a = attention(q, k, v, key_padding_mask=mask, backend=backend)
         a = a.transpose(1, 2).reshape(B, Lq, D)
         if rows is not None and not isinstance(rows, slice) and rows.dtype == torch.bool:
             x, a = x[rows], a[rows]                                                     # [N, D]
         h = x + self.attn_out(a)
         m = self.ff_norm(h)
         return h + self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m)), (k, v)
+
+
+def _take_rows(t, rows):
+    """t [B, L, D] -> [B, n, D]: the rows of a slice or of a [B, n] index."""
+    if isinstance(rows, slice):
+        return t[:, rows]
+    return t.gather(1, rows[..., None].expand(-1, -1, t.shape[-1]))
+
+
+def _take_rope_rows(t, rows):
+    """cos or sin [L, Dh] or [B, 1, L, Dh] -> their rows ([n, Dh] or [B, 1, n, Dh])."""
+    if isinstance(rows, slice):
+        return t[rows] if t.dim() == 2 else t[:, :, rows]
+    if t.dim() == 2:
+        return t[rows][:, None]                                                     # [B, 1, n, Dh]
+    return t.gather(2, rows[:, None, :, None].expand(-1, 1, -1, t.shape[-1]))
+
+
+def _rows_mask(mask, rows):
+    """The attention mask of the queries of `rows` (a slice or a [B, n] index) from that of
+    all L queries: the key padding mask is the same; an AttentionMask keeps its keys and
+    takes those rows of q_mask."""
+    if not isinstance(mask, masks.AttentionMask):
+        return mask
+    if isinstance(rows, slice):
+        q_mask = mask.q_mask[:, :, rows]
+    else:
+        q_mask = mask.q_mask.expand(rows.shape[0], -1, -1).gather(
+            2, rows[:, None, :].expand(-1, 2, -1).to(torch.int64))
+        k_mask = mask.k_mask.expand(rows.shape[0], -1, -1)
+        return masks.AttentionMask(q_mask.contiguous(), k_mask.contiguous(), mask.kind)
+    return masks.AttentionMask(q_mask.contiguous(), mask.k_mask, mask.kind)
+
+
+def attention_backend(requested, mask, device):
+    """The attention backend for `mask` on `device`: `requested` if given, else None (the
+    op's default), except on a CPU build without the structured-mask CPU kernel
+    (llada::attention_fwd), where a block-causal or 2L mask runs on the reference backend
+    (the cpu backend of such a build takes key padding only). Models stay backend-agnostic:
+    once the CPU kernel is built they use it."""
+    if requested is not None or not isinstance(mask, masks.AttentionMask):
+        return requested
+    if mask.kind == "key_padding" or device.type != "cpu":
+        return requested
+    if os.environ.get(_backend.ENV_VAR) or _backend.has_kernel("attention_fwd", "CPU"):
+        return requested
+    return "reference"
 
 
 class _Backbone(nn.Module):
@@ -363,8 +422,8 @@ class LLaDAModel(nn.Module):
         cos, sin = self._rope
         return cos[start:end], sin[start:end]
 
-    def hidden_states(self, input_ids, attention_mask=None, *, past_kv=None, return_kv=False,
-                      output_positions=None, check_ids=True):
+    def hidden_states(self, input_ids, attention_mask=None, *, mask=None, position_ids=None,
+                      past_kv=None, return_kv=False, output_positions=None, check_ids=True):
         """Hidden states after ln_f, without the lm_head.
 
         Args:
@@ -372,8 +431,17 @@ class LLaDAModel(nn.Module):
             attention_mask: [B, P+L] (bool, or ints 1 = token, 0 = padding) or None. A
                 key-padding mask: padded keys are hidden from every query. No [B, 1, L, L]
                 bias is built.
+            mask: an llada_kernels.masks.AttentionMask for every layer, with q_mask
+                [B or 1, 2, L] and k_mask [B or 1, 3, P+L], instead of the one the config
+                implies (the 2L block-diffusion training mask, packed documents, ...); then
+                attention_mask must be None (put key padding in the mask).
+                Without it: block-causal over the P+L positions when config.block_size is
+                set (blocks counted from position 0, with the key padding of
+                attention_mask), else bidirectional with that key padding.
+            position_ids: [L] or [B, L] int64, the RoPE positions of input_ids (default
+                P..P+L-1). The masks count blocks by index, not by these.
             past_kv: per layer (k, v) [B, Hkv, P, Dh] of positions 0..P-1, from an earlier call
-                with return_kv=True (the sampler's prefix cache).
+                with return_kv=True (the samplers' KV caches).
             return_kv: also return every layer's (k, v) [B, Hkv, P+L, Dh].
             output_positions: the rows of hidden to return: None (all L); a slice of 0..L-1
                 with step 1 (n = its length); a [B, n] int64 tensor of indices into 0..L-1
@@ -406,27 +474,74 @@ class LLaDAModel(nn.Module):
             raise ValueError(f"LLaDAModel: attention_mask must have shape {[B, P + L]}; "
                              f"got {list(attention_mask.shape)}")
         rows = _check_positions(output_positions, B, L, input_ids.device)
+        mask = self._mask(mask, key_mask, B, L, P, input_ids.device)
+        rows_mask = None if rows is None else _rows_mask(mask, rows)
+        backend = attention_backend(self.backend, mask, input_ids.device)
         x = self.model.transformer.wte(input_ids)                                    # [B, L, D]
-        cos, sin = self._rope_for(P, L, x.device)                                   # [L, Dh]
+        cos, sin = self._rope_at(position_ids, P, B, L, x.device)           # [L, Dh] or [B, 1, L, Dh]
         blocks = self.model.transformer.blocks
         kv = []
         for i, block in enumerate(blocks):
             past = None if past_kv is None else past_kv[i]
-            last_rows = rows if i == len(blocks) - 1 else None
+            last = i == len(blocks) - 1
+            args = (x, cos, sin, mask, past, backend, rows if last else None,
+                    rows_mask if last else None)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, layer_kv = checkpoint(block, x, cos, sin, key_mask, past, self.backend,
-                                         last_rows, use_reentrant=False)
+                x, layer_kv = checkpoint(block, *args, use_reentrant=False)
             else:
-                x, layer_kv = block(x, cos, sin, key_mask, past, self.backend, last_rows)
+                x, layer_kv = block(*args)
             if return_kv:
                 kv.append(layer_kv)
         h = self.model.transformer.ln_f(x)
         return (h, kv) if return_kv else h
 
-    def forward(self, input_ids, attention_mask=None, **unused) -> LLaDAOutput:
-        """input_ids [B, L] -> LLaDAOutput(logits [B, L, V]). Extra keyword arguments of the
-        released forward (use_cache=False, ...) are accepted and ignored."""
-        h = self.hidden_states(input_ids, attention_mask)
+    def _mask(self, mask, key_mask, B, L, P, device):
+        """The attention mask every layer uses (see hidden_states): built once per forward."""
+        if mask is not None:
+            if not isinstance(mask, masks.AttentionMask):
+                raise TypeError("LLaDAModel: mask must be an llada_kernels.masks.AttentionMask; "
+                                f"got {type(mask).__name__}")
+            if key_mask is not None:
+                raise ValueError("LLaDAModel: give attention_mask or mask, not both (build the "
+                                 "key padding into the mask: masks.*(key_padding_mask=...))")
+            if mask.batch_size not in (1, B) or mask.q_len != L or mask.k_len != P + L:
+                raise ValueError(f"LLaDAModel: mask is for batch {mask.batch_size}, {mask.q_len} "
+                                 f"queries and {mask.k_len} keys; input_ids needs batch {B}, "
+                                 f"{L} queries and {P + L} keys")
+            return mask
+        if self.config.block_size is None:
+            return key_mask
+        return masks.block_causal(self.config.block_size, seq_len=P + L, q_len=L,
+                                  key_padding_mask=key_mask, device=device)
+
+    def _rope_at(self, position_ids, P, B, L, device):
+        """cos, sin: [L, Dh] for positions P..P+L-1, or [B or 1, 1, L, Dh] for position_ids."""
+        if position_ids is None:
+            return self._rope_for(P, L, device)
+        if not isinstance(position_ids, torch.Tensor) or position_ids.dtype != torch.int64 \
+                or position_ids.dim() not in (1, 2) or position_ids.shape[-1] != L \
+                or (position_ids.dim() == 2 and position_ids.shape[0] not in (1, B)):
+            got = (f"{str(position_ids.dtype).removeprefix('torch.')} of shape "
+                   f"{list(position_ids.shape)}" if isinstance(position_ids, torch.Tensor)
+                   else type(position_ids).__name__)
+            raise ValueError(f"LLaDAModel: position_ids must be a [L] or [B, L] = [{B}, {L}] "
+                             f"int64 tensor; got {got}")
+        top = max(P + L, self.config.max_sequence_length)
+        if values_checked() and position_ids.numel():
+            bad = (position_ids < 0) | (position_ids >= top)
+            if bool(bad.any()):
+                raise ValueError(f"LLaDAModel: position_ids holds {int(position_ids[bad][0])}, "
+                                 f"outside [0, {top})")
+        cos, sin = self._rope_for(0, top, device)
+        ids = position_ids if position_ids.dim() == 2 else position_ids[None]
+        return cos[ids][:, None], sin[ids][:, None]                                  # [B, 1, L, Dh]
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **unused) -> LLaDAOutput:
+        """input_ids [B, L] -> LLaDAOutput(logits [B, L, V]). attention_mask [B, L] and
+        position_ids [L] or [B, L] as in hidden_states (the call of LLaDA's generate.py and
+        of diffusers' LLaDA2Pipeline). Extra keyword arguments of the released forward
+        (use_cache=False, ...) are accepted and ignored."""
+        h = self.hidden_states(input_ids, attention_mask, position_ids=position_ids)
         return LLaDAOutput(logits=self.lm_head(h), hidden_states=h)
 
     # ---- checkpoints -----------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Drop-ins for released model files: their attention runs on llada_kernels' op.
 
     patch_llada(model)   # a model built by LLaDA's modeling_llada.py (trust_remote_code)
+    patch_llada2(model)  # LLaDA2.0/2.1's modeling_llada2_moe.py: structured masks, no L x L
 
 The loss is swapped separately: `llada_kernels.training.hidden_and_head`, or `pretrain_loss` /
 `sft_loss`, which accept the released model directly.
@@ -8,11 +9,13 @@ The loss is swapped separately: `llada_kernels.training.hidden_and_head`, or `pr
 
 from __future__ import annotations
 
+import sys
 import types
 
 import torch
 
-from . import ops
+from . import masks, ops
+from .model import attention_backend
 
 
 def patch_llada(model, *, backend=None):
@@ -62,3 +65,128 @@ def _key_padding_mask(attn_mask, B, Lk):
     m = attn_mask[:, 0, 0, :]
     keep = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
     return keep.expand(B, Lk)
+
+
+# ---- LLaDA2 ---------------------------------------------------------------------------------
+
+IMPLEMENTATION = "llada_kernels"   # the name patch_llada2 registers with transformers
+
+
+def patch_llada2(model, *, backend=None):
+    """Run a LLaDA2.0/2.1 model (the HF `modeling_llada2_moe.py`, as inclusionAI and dllm
+    ship it) on `llada_kernels.attention` with structured masks. In place; returns the model.
+
+    Its forward then takes, as `attention_mask`, an llada_kernels.masks.AttentionMask (the
+    block-causal mask of sampling, masks.block_causal; the 2L training mask over
+    [x_t ; x_0], masks.block_diffusion): no [B, 1, L, L] mask is ever built, and every layer
+    runs the op with tile skipping. Callers that build dense 4-D masks keep working: LLaDA2's
+    own `generate` (a block-causal bf16 mask of 0 / -inf) and dFactory's trainer (the 2L
+    float mask) pass them, and the patched forward reads each once, recognises a
+    block-causal-like mask (every key seen by a suffix of the queries: block-causal, causal,
+    full, with key padding) or the 2L mask, and hands the layers its O(L) description. A
+    4-D mask it does not recognise, a 2-D mask (the file turns it into a causal 4-D mask),
+    attention dropout in training or a sliding window run the model's original attention,
+    unchanged: correct, not accelerated. No mask is bidirectional attention, as the file's
+    SDPA path does.
+
+    How: the model's attention implementation is set to a function registered with
+    transformers' AttentionInterface as "llada_kernels", and the inner model's forward is
+    wrapped to turn the mask into a small 4-D carrier tensor that the file passes to every
+    layer unchanged (so gradient checkpointing's recomputation sees the same mask).
+    `llada_kernels.block_generate.block_generate` and `training.block_diffusion_loss` accept
+    the patched model.
+    """
+    from transformers import AttentionInterface
+
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None or not all(hasattr(layer, "attention") for layer in layers) \
+            or not hasattr(getattr(model, "config", None), "_attn_implementation"):
+        raise TypeError(f"patch_llada2: {type(model).__name__} is not a model built by LLaDA2's "
+                        "modeling_llada2_moe.py (no .model.layers[i].attention)")
+    AttentionInterface.register(IMPLEMENTATION, _llada2_attention)
+    config = model.config
+    if config._attn_implementation != IMPLEMENTATION:
+        inner._llada_original_attention = config._attn_implementation or "eager"
+        config._attn_implementation = IMPLEMENTATION
+    # The file's SDPA branch passes a 4-D mask through unchanged (its eager branch rewrites
+    # it); masks of the other branches are rebuilt below anyway.
+    inner._use_sdpa, inner._use_flex_attention = True, False
+    if getattr(inner, "_llada_original_forward", None) is None:
+        inner._llada_original_forward = inner.forward
+        inner.forward = types.MethodType(_llada2_forward, inner)
+    for layer in layers:
+        layer.attention._llada_backend = backend
+        layer.attention._llada_original_attention = inner._llada_original_attention
+    model._llada2_patched = True
+    return model
+
+
+def _llada2_forward(self, input_ids=None, attention_mask=None, *args, **kwargs):
+    """The inner model's forward with attention_mask an AttentionMask or a recognised dense
+    4-D mask replaced by a carrier the layers read."""
+    if isinstance(attention_mask, masks.AttentionMask):
+        attention_mask = _carrier(attention_mask, input_ids, kwargs)
+    elif isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+        structured = dense_to_structured(attention_mask)
+        if structured is not None:
+            attention_mask = _carrier(structured, input_ids, kwargs)
+    return self._llada_original_forward(input_ids, attention_mask, *args, **kwargs)
+
+
+def _carrier(mask, input_ids, kwargs):
+    ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+    carrier = torch.zeros((1, 1, 1, 1), device=ref.device)
+    carrier.llada_mask = mask
+    return carrier
+
+
+def _llada2_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                      sliding_window=None, **kwargs):
+    """transformers' attention interface: query [B, H, Lq, D], key/value [B, Hkv, Lk, D]
+    (after the KV cache) -> ([B, Lq, H, D], None)."""
+    mask = getattr(attention_mask, "llada_mask", None) if attention_mask is not None else None
+    windowed = sliding_window is not None and getattr(module.config, "use_sliding_window", False)
+    if (attention_mask is not None and mask is None) or dropout > 0 or windowed:
+        return _original_attention(module)(module, query, key, value, attention_mask,
+                                           dropout=dropout, scaling=scaling,
+                                           sliding_window=sliding_window, **kwargs)
+    backend = attention_backend(getattr(module, "_llada_backend", None), mask, query.device)
+    out = ops.attention.attention(query, key, value, mask, scale=scaling, backend=backend)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _original_attention(module):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = getattr(module, "_llada_original_attention", "eager")
+    if name == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def dense_to_structured(mask: torch.Tensor) -> masks.AttentionMask | None:
+    """The AttentionMask equal to a dense [B or 1, 1, Lq, Lk] mask (bool True = attend, or
+    float: > finfo.min / 2 attends), when it is block-causal-like (each key seen by a suffix
+    of the queries, queries counted from the top: block-causal, causal, full, with key
+    padding) or the 2L block-diffusion mask; else None. Reads the mask once (O(Lq Lk))."""
+    if mask.shape[1] != 1:
+        return None
+    see = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] > torch.finfo(mask.dtype).min / 2
+    B, Lq, Lk = see.shape
+    # Suffix form: key j is seen by queries i >= first(j) (never seen: lo > every level).
+    seen = see.any(1)                                                          # [B, Lk]
+    first = torch.where(seen, see.int().argmax(1), masks.INF).to(torch.int32)   # [B, Lk]
+    levels = torch.arange(Lq, dtype=torch.int32, device=see.device)
+    if torch.equal(levels[None, :, None] >= first[:, None, :], see):
+        q_mask = torch.stack([torch.zeros_like(levels), levels])[None].expand(B, -1, -1)
+        k_mask = torch.stack([torch.zeros_like(first), first, torch.full_like(first, masks.INF)], 1)
+        return masks.AttentionMask(q_mask.contiguous(), k_mask.contiguous(), "block_causal")
+    # The 2L mask: noisy query 0 sees exactly the b keys of noisy block 0.
+    if Lq == Lk and Lq % 2 == 0:
+        b = int(see[0, 0].sum())
+        if b >= 1:
+            candidate = masks.block_diffusion(b, Lq // 2, device=see.device)
+            if torch.equal(candidate.to_dense().expand(B, -1, -1), see):
+                return candidate
+    return None

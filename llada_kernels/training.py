@@ -18,6 +18,17 @@ on our op). The pieces, for your own training loop:
     llada_sft_loss(x, input_ids, masked, p_mask, prompt_lengths)       # with lm_head_weight=,
                                                                        # hidden states [B, L, D]
 
+Block diffusion (BD3-LM, LLaDA2.0/2.1, Fast-dLLM v2): the model reads the concatenation
+[x_t ; x_0] of length 2L under the 2L mask (masks.block_diffusion: noisy block n sees itself
+and clean blocks < n, clean block n sees clean blocks <= n), and the loss is on x_t's masked
+positions, again on the fused linear loss with the last layer on those rows only:
+
+    loss = block_diffusion_loss(model, input_ids)                       # dFactory's objective
+    loss = block_diffusion_loss(model, input_ids, complementary=True,   # LLaDA2.0 / Fast-dLLM v2
+                                document_ids=doc_ids)                   # packed documents
+    noisy, masked, t = block_diffusion_noise(input_ids, mask_id=...)    # the pieces
+    loss = block_diffusion_loss_from_noise(model, noisy, input_ids, masked, t)
+
 Shapes: B batch, L sequence, D d_model, V vocabulary; b samples of one sequence, Lp prompt, T
 answer length.
 """
@@ -30,7 +41,7 @@ import math
 import torch
 import torch.nn as nn
 
-from . import _checks
+from . import _checks, masks
 from .constants import MASK_ID
 from .ops.loss import fused_linear_masked_diffusion_loss, masked_diffusion_loss
 
@@ -325,6 +336,187 @@ def log_likelihood(model, prompt, answer, mc_num=128, batch_size=16, cfg_scale=0
 
 
 get_log_likelihood = log_likelihood  # the name in LLaDA's get_log_likelihood.py
+
+
+# ---- block diffusion: the 2L objective ---------------------------------------------------------
+
+LOSS_WEIGHTS = ("uniform", "elbo")
+NORMALIZE = ("masked", "maskable")
+
+
+def block_diffusion_noise(input_ids, *, mask_id=MASK_ID, noise_range=(0.3, 0.8), maskable=None,
+                          document_ids=None, complementary=False, generator=None):
+    """The block-diffusion noise: each document (a row, or each packed document of a row)
+    draws its own level t ~ U[noise_range), and each of its maskable tokens is masked
+    independently with probability t (dFactory's sft_noise_transition, per document).
+
+    Args:
+        input_ids: [B, L] int64, the clean tokens x_0.
+        noise_range: (low, high), 0 <= low <= high <= 1 (dFactory's default (0.3, 0.8)).
+        maskable: [B, L] bool, the positions that may be masked and are scored (False on
+            prompts and padding), or None (all).
+        document_ids: [B, L] integer, non-decreasing along each row: packed documents, each
+            with its own t. None: one document per row.
+        complementary: also return, as rows B..2B-1, each sample masked on exactly its other
+            maskable positions, at level 1 - t (LLaDA2.0's and Fast-dLLM v2's complementary
+            masking: every maskable token is scored once per pair).
+
+    Returns:
+        noisy [B', L] int64, masked [B', L] bool, t [B', L] float32 (each position's document
+        level); B' = 2B with complementary, else B.
+    """
+    op = "block_diffusion_noise"
+    _check_ids(op, input_ids)
+    B, L = input_ids.shape
+    low, high = _check_range(op, noise_range)
+    maskable = _check_bool(op, "maskable", maskable, B, L)
+    first = _doc_starts(op, document_ids, B, L, input_ids.device)                  # [B, L]
+    u = torch.rand((B, L), device=input_ids.device, generator=generator)
+    t = (low + (high - low) * u).gather(1, first)                # each document's draw, per token
+    masked = torch.rand((B, L), device=input_ids.device, generator=generator) < t
+    if maskable is not None:
+        masked &= maskable
+    if complementary:
+        rest = ~masked if maskable is None else maskable & ~masked
+        masked, t = torch.cat([masked, rest]), torch.cat([t, 1 - t])
+        input_ids = torch.cat([input_ids, input_ids])
+    return torch.where(masked, mask_id, input_ids), masked, t
+
+
+def block_diffusion_loss(model, input_ids, *, block_size=None, mask_id=None, noise_range=(0.3, 0.8),
+                         maskable=None, document_ids=None, attention_mask=None,
+                         complementary=False, loss_weight="uniform", normalize="masked",
+                         generator=None, backend=None):
+    """The block-diffusion training loss of one batch: block_diffusion_noise, then
+    block_diffusion_loss_from_noise (see both). The defaults are dFactory's LLaDA2 objective
+    (train_llada2_bd.py): t ~ U[0.3, 0.8), every masked token's cross-entropy weighted 1,
+    divided by the number of masked tokens. BD3-LM's (dllm's BD3LMTrainer, linear schedule)
+    is noise_range=(1e-3, 1), loss_weight="elbo", normalize="maskable". attention_mask [B, L]
+    (1 = token): padding is hidden as keys; mark it unmaskable too (maskable=).
+    Returns a float32 scalar with autograd to the model."""
+    op = "block_diffusion_loss"
+    mask_id = _mask_id(op, model, mask_id)
+    noisy, masked, t = block_diffusion_noise(
+        input_ids, mask_id=mask_id, noise_range=noise_range, maskable=maskable,
+        document_ids=document_ids, complementary=complementary, generator=generator)
+    if complementary:
+        pair = (lambda x: None if x is None else torch.cat([x, x]))
+        input_ids, maskable, document_ids, attention_mask = (
+            pair(input_ids), pair(maskable), pair(document_ids), pair(attention_mask))
+    return block_diffusion_loss_from_noise(
+        model, noisy, input_ids, masked, t, block_size=block_size, maskable=maskable,
+        document_ids=document_ids, attention_mask=attention_mask, loss_weight=loss_weight,
+        normalize=normalize, backend=backend)
+
+
+def block_diffusion_loss_from_noise(model, noisy, input_ids, masked, t=None, *, block_size=None,
+                                    maskable=None, document_ids=None, attention_mask=None,
+                                    loss_weight="uniform", normalize="masked", backend=None):
+    """sum over masked (b, l) of w[b, l] * CE(logits of x_t's row l, x_0[b, l]) / Z, the
+    logits read from the model on [x_t ; x_0] under the 2L mask, never materialised.
+
+    Args:
+        model: an LLaDAModel (block_size defaults to its config's), or LLaDA2's model patched
+            by llada_kernels.patch.patch_llada2 (block_size required).
+        noisy: [B, L] int64, x_t; input_ids: [B, L] int64, x_0; masked: [B, L] bool, the
+            positions of x_t that are masked (the rows of the loss).
+        t: [B, L] float, each position's noise level (needed for loss_weight="elbo").
+        maskable, document_ids, attention_mask: as block_diffusion_loss. Packed documents
+            get their own blocks (restarting at each document start) and positions.
+        loss_weight: "uniform" (w = 1, dFactory) or "elbo" (w = 1 / t, BD3-LM and LLaDA).
+        normalize: Z = the number of masked tokens ("masked", dFactory) or of maskable
+            tokens ("maskable", dllm's token normalisation; all tokens when maskable is None).
+    Returns a float32 scalar.
+    """
+    op = "block_diffusion_loss"
+    _check_ids(op, noisy)
+    B, L = noisy.shape
+    _checks.check_tensor(op, "input_ids", input_ids, dtypes=(torch.int64,), ndim=2)
+    _checks.check_shape(op, "input_ids", input_ids, (B, L))
+    masked = _check_bool(op, "masked", masked, B, L)
+    maskable = _check_bool(op, "maskable", maskable, B, L)
+    _checks.check_in(op, "loss_weight", loss_weight, LOSS_WEIGHTS)
+    _checks.check_in(op, "normalize", normalize, NORMALIZE)
+    if loss_weight == "elbo":
+        if t is None:
+            _checks.fail(op, 'loss_weight="elbo" needs t, the noise level of each position')
+        _checks.check_shape(op, "t", t, (B, L))
+    b = _block_size(op, model, block_size)
+    first = _doc_starts(op, document_ids, B, L, noisy.device)
+    pos = torch.arange(L, device=noisy.device) - first                       # [B, L] in document
+    kpm = None
+    if attention_mask is not None:
+        _checks.check_shape(op, "attention_mask", attention_mask, (B, L))
+        kpm = attention_mask.to(torch.bool)
+    mask = masks.block_diffusion(b, L, batch_size=B, document_ids=document_ids,
+                                 key_padding_mask=kpm, device=noisy.device)
+    rows = torch.cat([masked, torch.zeros_like(masked)], 1)                    # [B, 2L]
+    hidden, weight = _hidden_2l(model, torch.cat([noisy, input_ids], 1), mask,
+                                torch.cat([pos, pos], 1), rows)                  # [N, D], [V, D]
+    count = (masked if normalize == "masked" else
+             maskable if maskable is not None else torch.ones_like(masked)).sum()
+    divisor = count.clamp_min(1).float().expand(B, L)
+    if loss_weight == "elbo":
+        divisor = divisor * t.float()
+    every = torch.ones((1, hidden.shape[0]), dtype=torch.bool, device=hidden.device)
+    return fused_linear_masked_diffusion_loss(hidden[None], weight, input_ids[masked][None], every,
+                                              divisor[masked][None], backend=backend)
+
+
+def _hidden_2l(model, x, mask, pos, rows):
+    """Hidden states of the rows [N, D] of x [B, 2L] under the 2L mask, and the lm_head."""
+    if hasattr(model, "hidden_states") and hasattr(model, "lm_head_weight"):
+        return (model.hidden_states(x, mask=mask, position_ids=pos, output_positions=rows),
+                model.lm_head_weight)
+    if getattr(model, "_llada2_patched", False):
+        h = model.model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=False)
+        return h.last_hidden_state[rows], model.lm_head.weight
+    raise TypeError(f"block_diffusion_loss: model must be an LLaDAModel or a model patched by "
+                    f"llada_kernels.patch.patch_llada2; got {type(model).__name__}")
+
+
+def _block_size(op, model, block_size):
+    if block_size is None:
+        block_size = getattr(getattr(model, "config", None), "block_size", None)
+        if block_size is None:
+            _checks.fail(op, "block_size is needed: the model's config has none")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        _checks.fail(op, f"block_size must be a positive int; got {block_size!r}")
+    return block_size
+
+
+def _doc_starts(op, document_ids, B, L, device):
+    """[B, L] int64: the index of the first token of each token's document (0 without
+    documents). Checked: [B, L] integer ids, non-decreasing along each row."""
+    arange = torch.arange(L, device=device)
+    if document_ids is None:
+        return torch.zeros((B, L), dtype=torch.long, device=device)
+    _checks.check_tensor(op, "document_ids", document_ids, ndim=2)
+    _checks.check_shape(op, "document_ids", document_ids, (B, L))
+    if document_ids.dtype.is_floating_point or document_ids.dtype == torch.bool:
+        _checks.fail(op, f"document_ids must be an integer tensor; got {document_ids.dtype}", TypeError)
+    start = torch.ones((B, L), dtype=torch.bool, device=device)
+    start[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    if _checks.values_checked() and L > 1 and bool((document_ids[:, 1:] < document_ids[:, :-1]).any()):
+        _checks.fail(op, "document_ids must be non-decreasing along each row (a document is a run "
+                     "of equal ids)")
+    return torch.where(start, arange, 0).cummax(dim=1).values
+
+
+def _check_range(op, noise_range):
+    ok = isinstance(noise_range, (tuple, list)) and len(noise_range) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in noise_range)
+    if not ok or not 0 <= noise_range[0] <= noise_range[1] <= 1:
+        _checks.fail(op, f"noise_range must be (low, high) with 0 <= low <= high <= 1; got {noise_range!r}")
+    return float(noise_range[0]), float(noise_range[1])
+
+
+def _check_bool(op, name, t, B, L):
+    if t is None:
+        return None
+    _checks.check_tensor(op, name, t, dtypes=(torch.bool,), ndim=2)
+    _checks.check_shape(op, name, t, (B, L))
+    return t
 
 
 # ---- checks ------------------------------------------------------------------------------------

@@ -75,3 +75,31 @@ def test_cli_requires_a_command(capsys):
     with pytest.raises(SystemExit):
         cli.main([])
     assert "demo" in capsys.readouterr().err
+
+
+
+@pytest.mark.slow
+def test_quick_block_diffusion_demo_learns_and_the_cache_is_exact():
+    """The 2L objective trains the tiny block-diffusion model; the block sampler, with and
+    without the exact cache, gets the same accuracy in the same model calls."""
+    from llada_kernels import demo_block
+
+    lines = []
+    r = demo_block.run(demo_block.quick(), log=lines.append)
+    for mode in ("top-k, exact KV cache", "top-k, no cache", "threshold 0.9, exact KV cache"):
+        assert r[mode]["accuracy"] >= 0.5, (mode, r[mode], lines)
+    for a, b in (("top-k, exact KV cache", "top-k, no cache"),
+                 ("threshold 0.9, exact KV cache", "threshold 0.9, no cache")):
+        assert r[a]["accuracy"] == r[b]["accuracy"]
+        assert r[a]["calls_per_block"] == r[b]["calls_per_block"]
+    assert r["threshold 0.9, exact KV cache"]["calls_per_block"] < r["top-k, exact KV cache"]["calls_per_block"]
+    assert any("tokens/s" in line for line in lines)
+
+
+def test_cli_demo_block_diffusion_flag(monkeypatch):
+    from llada_kernels import demo_block
+
+    seen = []
+    monkeypatch.setattr(demo_block, "run", lambda cfg: seen.append(cfg))
+    assert cli.main(["demo", "--block-diffusion", "--quick", "--seed", "3"]) == 0
+    assert seen[0].seed == 3 and seen[0] == demo_block.quick().__class__(**{**vars(demo_block.quick()), "seed": 3})

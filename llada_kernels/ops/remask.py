@@ -8,11 +8,11 @@ from collections.abc import Sequence
 import torch
 
 from .. import _backend, _checks
+from ..constants import MASK_ID as LLADA_MASK_ID
 from ..reference import remask as reference
 
 OP = "remask_step"
 REMASKING = ("low_confidence", "random", "margin", "entropy")
-LLADA_MASK_ID = 126336
 CUDA_MAX_SPECIAL_IDS = 16  # kMaxSpecialIds in csrc/cuda/remask_step.cu: kernel parameters
 
 
