@@ -124,3 +124,64 @@ def test_a_model_without_lm_head_is_named():
     body = transformers.Qwen2Model(qwen2().config)
     with pytest.raises(TypeError, match="get_output_embeddings"):
         training.hidden_and_head(body, ids_and_mask()[0])
+
+
+# --------------------------------------------------------------------------------------------
+# generate with a transformers model (issue 12 item 4)
+# --------------------------------------------------------------------------------------------
+
+class Bare(torch.nn.Module):
+    """A transformers model behind a module with no .device (as a user's wrapper may be)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, attention_mask=None, past_key_values=None, use_cache=False):
+        return self.inner(x, attention_mask=attention_mask, past_key_values=past_key_values,
+                          use_cache=use_cache)
+
+
+def prompt_batch():
+    p = torch.randint(0, V - 2, (2, 5), generator=torch.Generator().manual_seed(4))
+    am = torch.ones(2, 5, dtype=torch.long)
+    am[1, :2] = 0  # left padding
+    p[1, :2] = 60
+    return p, am
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
+def test_prefix_cache_with_a_causal_transformers_model_is_exact(cfg_scale):
+    """On a causal model the keys and values left of a block never depend on what follows, so
+    Fast-dLLM's prefix cache is exact there: the same tokens as without it, while the block's
+    later steps feed the model only the positions from the window on."""
+    from llada_kernels.generate import generate
+
+    model = Bare(qwen2(seed=2))
+    assert not hasattr(model, "device")
+    p, am = prompt_batch()
+    kw = dict(steps=8, gen_length=8, block_length=4, mask_id=MASK, cfg_scale=cfg_scale,
+              return_stats=True)
+    seen = []
+    model.inner.model.embed_tokens.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    exact, s0 = generate(model, p, am, **kw)
+    assert seen == [13] * 8
+    seen.clear()
+    cached, s1 = generate(model, p, am, prefix_cache=True, **kw)
+    assert torch.equal(cached, exact) and s0.model_calls == s1.model_calls == 8
+    assert seen == [13, 8, 8, 8, 13, 4, 4, 4]   # blocks start at 5 and 9 of 13 positions
+    assert not (exact == MASK).any()
+
+
+def test_prefix_cache_is_refused_by_the_released_llada_file():
+    from llada_kernels.generate import generate
+    from oracles import released_llada
+    from test_trainer import tiny_model
+
+    hf = released_llada(tiny_model())
+    p = torch.randint(0, 30, (1, 4))
+    with pytest.raises(ValueError, match=r"prefix_cache is not supported for this model: the "
+                                         r"released modeling_llada.py refuses past_key_values"):
+        generate(hf, p, steps=2, gen_length=4, block_length=4, prefix_cache=True)
+    out = generate(hf, p, steps=2, gen_length=4, block_length=4)  # without the cache: fine
+    assert out.shape == (1, 8)
