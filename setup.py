@@ -87,7 +87,25 @@ def _extension():
     ext = CUDAExtension(**kwargs) if with_cuda else CppExtension(**kwargs)
     print(f"llada_kernels: building {'CPU + CUDA' if with_cuda else 'CPU only'} kernels"
           + (f" for {os.environ['TORCH_CUDA_ARCH_LIST']} (CUDA_HOME={cuda_home})" if with_cuda else ""))
-    return ext, BuildExtension.with_options(use_ninja=True)
+    return ext, _recording(BuildExtension.with_options(use_ninja=True), with_cuda)
+
+
+def _recording(base, with_cuda):
+    """build_ext that also writes llada_kernels/_build_info.py beside _C: the torch (and CUDA)
+    it was compiled against, which llada_kernels/_build.py checks at import."""
+    class BuildExt(base):
+        def run(self):
+            super().run()
+            import torch
+
+            target = Path(self.get_ext_fullpath("llada_kernels._C")).parent / "_build_info.py"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(
+                '"""Written by setup.py\'s build_ext: the torch llada_kernels._C was compiled '
+                'against (checked by _build.py at import)."""\n\n'
+                f"TORCH_VERSION = {torch.__version__!r}\n"
+                f"TORCH_CUDA = {(torch.version.cuda if with_cuda else None)!r}  # None: no CUDA kernels\n")
+    return BuildExt
 
 
 ext, build_ext = _extension()

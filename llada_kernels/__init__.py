@@ -4,7 +4,9 @@ Importing the package loads the compiled operators (torch.ops.llada.*) and regis
 Triton kernels and the fake (meta) implementations beside them.
 """
 
-from . import _backend
+from . import _backend, _build
+
+_build.check_torch()  # ImportError when _C was compiled against another torch (_build.py)
 
 try:
     from . import _C  # noqa: F401  (loads the TORCH_LIBRARY(llada) registrations)
