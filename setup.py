@@ -110,7 +110,33 @@ def _recording(base, with_cuda):
 
 ext, build_ext = _extension()
 
+# Package metadata beyond the build: the README as the long description, the license, and
+# classifiers (the supported torch range is install_requires').
+METADATA = dict(
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Intended Audience :: Developers",
+        "Intended Audience :: Science/Research",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: C++",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Programming Language :: Python :: 3.13",
+        "Environment :: GPU :: NVIDIA CUDA",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+    keywords=["llada", "diffusion language model", "masked diffusion", "pytorch", "triton", "cuda"],
+)
+
 setup(
+    **METADATA,
     name="llada_kernels",
     version="0.1.0",
     description="Fused kernels for masked diffusion language models (LLaDA)",
