@@ -38,22 +38,29 @@ TORCH_LIBRARY(llada, m) {
 
   // Masked diffusion loss, row form: the kernels behind llada_kernels.masked_diffusion_loss and
   // the chunks of llada_kernels.fused_linear_masked_diffusion_loss. Rows are (batch, position)
-  // pairs flattened to N = B * L; a row's weight is 1 / p_mask where masked, 0 elsewhere.
+  // pairs flattened to N = B * L; a row's weight is 1 / p_mask where masked, 0 elsewhere. The
+  // kernels compute each row's cross-entropy; the caller multiplies by the weights (so that
+  // autograd differentiates p_mask too).
   //   logits   [N, V] fp32/bf16/fp16/fp64, unit stride along V (any row stride)
   //   targets  [N] int64, the clean tokens; read only where weights != 0
   //   weights  [N] fp32 (fp64 for fp64 logits); rows with weight 0 are skipped
-  //   losses   [N] weights * (logsumexp(logits) - logits[target]), exactly 0 where weight == 0
-  //   lse      [N] logsumexp of each row, fp32 (fp64), 0 where weight == 0
-  //   grad_losses [N], the upstream gradient of losses
-  //   grad_logits [N, V] logits' dtype: grad_losses * weights * (softmax(logits) - onehot(target))
-  // masked_diffusion_loss returns (losses, lse); masked_diffusion_loss_backward returns
-  // grad_logits. masked_diffusion_loss_fwd_bwd computes the losses and overwrites logits with
-  // their gradient (grad_losses = 1) in one visit per row: the fused-linear form runs it chunk
-  // by chunk. Each has a _triton twin with the same schema, registered from Python.
-#define MDL_FWD_SCHEMA "(Tensor logits, Tensor targets, Tensor weights) -> (Tensor losses, Tensor lse)"
+  //   ce       [N] logsumexp(logits) - logits[target] = log_sum + (max - logits[target]),
+  //            exactly 0 where weight == 0
+  //   stats    [N, 2] fp32 (fp64): the row max and log sum_j exp(logits_j - max), apart (their
+  //            sum, the log-sum-exp, would round away the log-sum at large logits); (0, 0)
+  //            where weight == 0, (NaN, NaN) where the max is not finite
+  //   grad_ce  [N], the upstream gradient of ce
+  //   grad_logits [N, V] logits' dtype: grad_ce * (softmax(logits) - onehot(target)), 0 where
+  //            weight == 0
+  // masked_diffusion_loss returns (ce, stats); masked_diffusion_loss_backward returns
+  // grad_logits. masked_diffusion_loss_fwd_bwd computes ce and overwrites logits with the
+  // gradient of sum(weights * ce), weights * (softmax - onehot), in one visit per row: the
+  // fused-linear form runs it chunk by chunk. Each has a _triton twin with the same schema,
+  // registered from Python. Non-finite logits: README, "Non-finite and extreme inputs".
+#define MDL_FWD_SCHEMA "(Tensor logits, Tensor targets, Tensor weights) -> (Tensor ce, Tensor stats)"
 #define MDL_BWD_SCHEMA                                                                        \
-  "(Tensor grad_losses, Tensor logits, Tensor targets, Tensor weights, Tensor lse) -> Tensor"
-#define MDL_FWD_BWD_SCHEMA "(Tensor(a!) logits, Tensor targets, Tensor weights) -> Tensor losses"
+  "(Tensor grad_ce, Tensor logits, Tensor targets, Tensor weights, Tensor stats) -> Tensor"
+#define MDL_FWD_BWD_SCHEMA "(Tensor(a!) logits, Tensor targets, Tensor weights) -> Tensor ce"
   m.def("masked_diffusion_loss" MDL_FWD_SCHEMA);
   m.def("masked_diffusion_loss_triton" MDL_FWD_SCHEMA);
   m.def("masked_diffusion_loss_backward" MDL_BWD_SCHEMA);
@@ -71,10 +78,11 @@ TORCH_LIBRARY(llada, m) {
   //   hidden   [N, D], weight [V, D], bias [V] or None, targets [N] int64, weights [N] as above
   //   chunk_size  rows per chunk (> 0); backend "cpu" | "triton" | "cuda"
   //   compute_grad  when false, the gradients come back empty ([0])
-  // Returns loss [] fp32 (fp64), and d loss / d (hidden [N, D], weight [V, D], bias [V] or [0]).
+  // Returns loss [] fp32 (fp64) = sum(weights * ce), ce [N] as above (the gradient of loss in
+  // weights), and d loss / d (hidden [N, D], weight [V, D], bias [V] or [0]).
   m.def("fused_linear_masked_diffusion_loss(Tensor hidden, Tensor weight, Tensor? bias, "
         "Tensor targets, Tensor weights, int chunk_size, str backend, bool compute_grad) -> "
-        "(Tensor loss, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+        "(Tensor loss, Tensor ce, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 
   // Non-causal (bidirectional) attention with a key-padding mask and grouped KV heads.
   //   q                 [B, Hq, Lq, D]  fp32 (CPU only) / bf16 / fp16, unit stride along D

@@ -9,6 +9,8 @@ they never index out of bounds).
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from collections.abc import Iterable, Sequence
 
@@ -47,16 +49,67 @@ def check_device(op: str, name: str, t: torch.Tensor, device: torch.device, ref_
 
 
 def check_ids(op: str, name: str, ids: Iterable[int], size: int) -> list[int]:
+    """An iterable of ints (Python or numpy ints, or a 1-D integer tensor) in [0, size)."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() > 1 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            fail(op, f"{name} must be an iterable of ints; got a {str(ids.dtype).removeprefix('torch.')} "
+                     f"tensor of shape {list(ids.shape)}", TypeError)
+        ids = ids.reshape(-1).tolist()
+    elif isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        fail(op, f"{name} must be an iterable of ints; got {type(ids).__name__} {ids!r}", TypeError)
     out = []
     for i in ids:
-        if isinstance(i, torch.Tensor):
-            i = int(i)
-        if isinstance(i, bool) or not isinstance(i, int):
-            fail(op, f"{name} must hold ints; got {type(i).__name__}", TypeError)
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            fail(op, f"{name} must hold ints; got {type(i).__name__} {i!r}", TypeError)
         if not 0 <= i < size:
             fail(op, f"{name} holds {i}, outside the vocabulary [0, {size})")
-        out.append(i)
+        out.append(int(i))
     return out
+
+
+def check_int(op: str, name: str, value, lo: int, hi: int) -> int:
+    """A Python or numpy int (not a bool) in [lo, hi]; returns it as an int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        fail(op, f"{name} must be an int; got {type(value).__name__} {value!r}", TypeError)
+    if not lo <= value <= hi:
+        fail(op, f"{name} must be in [{lo}, {'2^63 - 1' if hi == 2**63 - 1 else hi}]; got {value}")
+    return int(value)
+
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def check_real(op: str, name: str, value, *, finite: bool = True, lo: float | None = None,
+               f32: bool = False) -> float:
+    """A Python or numpy real number (not a bool, not a tensor: reading a tensor would cost a
+    host sync), never NaN, finite unless finite=False (with f32, finite as a float32: the
+    kernels compute with it in float32), and >= lo if given; returns a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        fail(op, f"{name} must be a real number; got {type(value).__name__} {value!r}", TypeError)
+    value = float(value)
+    if math.isnan(value) or (finite and math.isinf(value)):
+        fail(op, f"{name} must be a {'finite ' if finite else ''}real number; got {value}")
+    if f32 and abs(value) > FLOAT32_MAX:
+        fail(op, f"{name} must be finite in float32 (|{name}| <= {FLOAT32_MAX:.7g}), the dtype "
+                 f"the kernels compute in; got {value}")
+    if lo is not None and not value >= lo:
+        fail(op, f"{name} must be >= {lo}; got {value}")
+    return value
+
+
+def check_generator(op: str, name: str, generator, device: torch.device, ref_name: str):
+    """None, or a torch.Generator on `device` (a CUDA generator's device has an index)."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        fail(op, f"{name} must be a torch.Generator or None; got {type(generator).__name__} "
+                 f"{generator!r}", TypeError)
+    gen_device = generator.device
+    same = gen_device.type == device.type and (
+        gen_device.index is None or device.index is None or gen_device.index == device.index)
+    if not same:
+        fail(op, f"{name} is on {gen_device} but {ref_name} is on {device}; a torch.Generator on "
+                 f"{ref_name}'s device is required")
 
 
 def unit_stride(t: torch.Tensor) -> torch.Tensor:
@@ -90,13 +143,26 @@ def check_index(op: str, name: str, t: torch.Tensor, size: int, where: torch.Ten
              + (" at a masked position" if where is not None else ""))
 
 
-def check_positive_finite(op: str, name: str, t: torch.Tensor):
-    """Every element finite and > 0 (a value check)."""
+def check_positive_finite(op: str, name: str, t: torch.Tensor, dtype: torch.dtype | None = None):
+    """Every element finite and > 0 with a finite reciprocal (a value check), in `dtype` when
+    given: the values the kernels compute with, after the cast. So in float32, 1e-300 (which
+    becomes 0), 1e300 (inf) and 1e-39 (whose reciprocal overflows) are all refused."""
     if not values_checked() or not t.numel():
         return
-    bad = ~(torch.isfinite(t) & (t > 0))
+    t = t.detach()
+    used = t if dtype is None else t.to(dtype)
+    bad = ~(torch.isfinite(used) & (used > 0) & torch.isfinite(used.reciprocal()))
     if bool(bad.any()):
-        fail(op, f"{name} must be finite and > 0; got {t[bad][0].item()}")
+        where = tuple(torch.nonzero(bad)[0].tolist())
+        got = f"{t[where].item()} at {list(where)}"
+        if used.dtype != t.dtype:
+            got += f", which is {used[where].item()} in {_name(used.dtype)}"
+        fail(op, f"{name} must be finite and > 0 with a finite reciprocal in {_name(used.dtype)}"
+                 f"{' (the dtype the op computes in)' if dtype is not None else ''}; got {got}")
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def check_in(op: str, name: str, value, allowed: Sequence, context: str = ""):

@@ -307,9 +307,9 @@ def _bad(**changes):
 @pytest.mark.parametrize("changes, exc, match", [
     (dict(targets=torch.full((2, 3), 10)), ValueError, r"targets holds 10, outside the vocabulary \[0, 10\)"),
     (dict(targets=torch.full((2, 3), -1)), ValueError, r"targets holds -1"),
-    (dict(p_mask=torch.tensor([0.5, 0.0])), ValueError, r"p_mask must be finite and > 0; got 0.0"),
-    (dict(p_mask=torch.tensor([0.5, float("nan")])), ValueError, r"p_mask must be finite and > 0; got nan"),
-    (dict(p_mask=torch.tensor([0.5, float("inf")])), ValueError, r"p_mask must be finite and > 0; got inf"),
+    (dict(p_mask=torch.tensor([0.5, 0.0])), ValueError, r"p_mask must be finite and > 0 with a finite reciprocal in float32 .*; got 0.0 at \[1\]"),
+    (dict(p_mask=torch.tensor([0.5, float("nan")])), ValueError, r"p_mask must be finite and > 0 with a finite reciprocal in float32 .*; got nan at \[1\]"),
+    (dict(p_mask=torch.tensor([0.5, float("inf")])), ValueError, r"p_mask must be finite and > 0 with a finite reciprocal in float32 .*; got inf at \[1\]"),
     (dict(p_mask=torch.rand(3)), ValueError, r"p_mask must have shape \[2\]; got \[3\]"),
     (dict(targets=torch.zeros(2, 4, dtype=torch.long)), ValueError, r"targets must have shape \[2, 3\]"),
     (dict(targets=torch.zeros(2, 3, dtype=torch.int32)), TypeError, r"targets must have dtype int64"),

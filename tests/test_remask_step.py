@@ -317,13 +317,43 @@ def test_torch_compile_fullgraph():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("kw", [dict(temperature=0.7), dict(remasking="random"),
+                                dict(temperature=0.7, remasking="random")],
+                         ids=["temperature", "random", "both"])
+def test_torch_compile_fullgraph_sampling(kw):
+    """Issue 9 item 14: the seed is drawn with an out-of-place op (Tensor.random_ broke the
+    graph). The draws come from the global RNG: the same torch.manual_seed gives the same step,
+    and the step obeys the contract (k commits per row, x0 never a suppressed id)."""
+    logits, x = make_inputs(2, 8, 30, masked=1.0, seed=6)
+    step = torch.compile(lambda l, x: remask_step(l, x, 3, mask_id=MASK, suppress_ids=[1, 2],
+                                                  backend="cpu", **kw), fullgraph=True)
+    torch.manual_seed(11)
+    x_new, transfer = step(logits, x)
+    torch.manual_seed(11)
+    again = step(logits, x)
+    assert torch.equal(x_new, again[0]) and torch.equal(transfer, again[1])
+    assert transfer.sum(1).tolist() == [3, 3]
+    assert not ((x_new == 1) | (x_new == 2))[transfer].any()
+    if "temperature" not in kw:  # random remasking alone: x0 is the argmax
+        assert torch.equal(x_new[transfer], logits.argmax(-1)[transfer])
+
+
+def test_torch_compile_with_a_generator_says_why():
+    logits, x = make_inputs(1, 4, 10, seed=6)
+    g = torch.Generator().manual_seed(0)
+    step = torch.compile(lambda l, x: remask_step(l, x, 1, mask_id=MASK, temperature=1.0,
+                                                  generator=g, backend="cpu"), fullgraph=True)
+    with pytest.raises(Exception, match="generator must be None under torch.compile"):
+        step(logits, x)
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------------------------
 
-def bad(match, **overrides):
+def bad(match, backend="cpu", **overrides):
     logits, x = make_inputs(2, 5, 10, seed=0)
-    kw = dict(logits=logits, x=x, num_transfer=2, mask_id=MASK, backend="cpu")
+    kw = dict(logits=logits, x=x, num_transfer=2, mask_id=MASK, backend=backend)
     kw.update(overrides)
     with pytest.raises((ValueError, TypeError, llada_kernels.BackendUnavailable), match=match):
         remask_step(kw.pop("logits"), kw.pop("x"), kw.pop("num_transfer"), **kw)
@@ -337,16 +367,64 @@ def test_bad_input_errors_name_the_argument():
     bad(r"x must have shape \[2, 5\]; got \[2, 4\]", x=x[:, :4])
     bad(r"x is on meta but logits is on cpu", x=x.to("meta"))
     bad(r"uncond_logits must have shape \[2, 5, 10\]; got \[2, 5, 9\]", uncond_logits=logits[..., :9])
-    bad(r"mask_id must be an int in \[0, V=10\); got 10", mask_id=10)
+    bad(r"mask_id must be in \[0, 9\]; got 10", mask_id=10)
     bad(r"suppress_ids holds 12, outside the vocabulary \[0, 10\)", suppress_ids=[1, 12])
     bad(r"zero_confidence_ids holds -1", zero_confidence_ids=[-1])
-    bad(r"num_transfer must be >= 0; got -1", num_transfer=-1)
+    bad(r"num_transfer must be in \[0, 2\^63 - 1\]; got -1", num_transfer=-1)
     bad(r"num_transfer must be >= 0; got -2", num_transfer=torch.tensor([1, -2]))
     bad(r"num_transfer must have shape \[2\]; got \[3\]", num_transfer=torch.tensor([1, 2, 3]))
     bad(r"block_end must have dtype int64, int32; got float32", block_end=torch.ones(2))
     bad(r"remasking must be one of .*; got 'lowest'", remasking="lowest")
-    bad(r"temperature must be >= 0; got -1", temperature=-1.0)
-    bad(r"threshold must be a number or None; got nan", threshold=float("nan"))
+    bad(r"temperature must be >= 0.0; got -1", temperature=-1.0)
+    bad(r"threshold must be a real number; got nan", threshold=float("nan"))
     bad(r"backend='gpu' is not a backend", backend="gpu")
     bad(r"backend 'cuda' .* cannot run on cpu tensors", backend="cuda")
     bad(r"suppress_ids covers the whole vocabulary", suppress_ids=list(range(10)))
+
+
+# Issue 9 items 7 and 8: every argument's type and range, checked before any backend runs, so
+# every backend refuses the same calls with the same message.
+ARGUMENT_CASES = [
+    ("threshold must be a real number; got str '0.5'", dict(threshold="0.5")),
+    ("threshold must be a real number; got Tensor", dict(threshold=torch.tensor(0.5))),
+    ("threshold must be a real number; got bool", dict(threshold=True)),
+    (r"num_transfer must be in \[0, 2\^63 - 1\]; got 9223372036854775808", dict(num_transfer=2**63)),
+    ("num_transfer must be an int or a \\[B\\] int64 tensor; got float 2.0", dict(num_transfer=2.0)),
+    (r"block_end must be in \[0, 2\^63 - 1\]; got 9223372036854775808", dict(block_end=2**63)),
+    ("generator must be a torch.Generator or None; got int 123", dict(generator=123)),
+    ("suppress_ids must be an iterable of ints; got int 3", dict(suppress_ids=3)),
+    ("suppress_ids must be an iterable of ints; got str", dict(suppress_ids="3")),
+    ("zero_confidence_ids must hold ints; got float 1.0", dict(zero_confidence_ids=[1.0])),
+    ("suppress_ids must be an iterable of ints; got a int64 tensor of shape \\[2, 1\\]",
+     dict(suppress_ids=torch.tensor([[1], [2]]))),
+    ("temperature must be a real number; got str '1'", dict(temperature="1")),
+    ("temperature must be a finite real number; got inf", dict(temperature=float("inf"))),
+    ("temperature must be >= 0.0; got nan|temperature must be a finite real number; got nan",
+     dict(temperature=float("nan"))),
+    ("temperature must be finite in float32", dict(temperature=1e39)),
+    ("cfg_scale must be a finite real number; got nan", dict(cfg_scale=float("nan"))),
+    ("cfg_scale must be a finite real number; got inf", dict(cfg_scale=float("inf"))),
+    ("cfg_scale must be a finite real number; got -inf", dict(cfg_scale=float("-inf"))),
+    ("cfg_scale must be a real number; got NoneType", dict(cfg_scale=None)),
+    ("mask_id must be an int; got bool", dict(mask_id=True)),
+    ("mask_id must be an int; got float", dict(mask_id=7.0)),
+    ("remasking must be one of .*; got None", dict(remasking=None)),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+@pytest.mark.parametrize("match, kw", ARGUMENT_CASES,
+                         ids=[",".join(f"{k}={v!r}" for k, v in kw.items()) for _, kw in ARGUMENT_CASES])
+def test_every_argument_is_checked_on_every_backend(backend, match, kw):
+    bad(match, backend=backend, **kw)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+def test_numpy_scalars_and_integer_tensors_are_accepted(backend):
+    np = pytest.importorskip("numpy")
+    logits, x = make_inputs(2, 5, 10, seed=0)
+    want = remask_step(logits, x, 2, mask_id=MASK, threshold=0.5, suppress_ids=[3],
+                       backend="reference")
+    got = remask_step(logits, x, np.int64(2), mask_id=np.int32(MASK), threshold=np.float32(0.5),
+                      suppress_ids=torch.tensor([3]), cfg_scale=np.float64(0.0), backend=backend)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -29,15 +29,19 @@ inline void check_rows(const char* op, const at::Tensor& logits, const at::Tenso
               ": logits, targets and weights must share a device");
 }
 
-// grad_losses [N] and lse [N] contiguous, in the accumulation type.
-inline void check_bwd(const char* op, const at::Tensor& grad_losses, const at::Tensor& lse,
+// grad_ce [N] and stats [N, 2] contiguous, in the accumulation type.
+inline void check_bwd(const char* op, const at::Tensor& grad_ce, const at::Tensor& stats,
                       const at::Tensor& weights) {
-  for (const at::Tensor* t : {&grad_losses, &lse}) {
-    TORCH_CHECK(t->sizes() == weights.sizes() && t->is_contiguous() &&
-                    t->scalar_type() == weights.scalar_type() && t->device() == weights.device(),
-                op, ": grad_losses and lse must be contiguous ", weights.sizes(), " ",
-                weights.scalar_type(), " tensors on ", weights.device(), "; got ",
-                t->scalar_type(), " ", t->sizes(), " on ", t->device());
+  const int64_t n = weights.size(0);
+  TORCH_CHECK(grad_ce.sizes() == weights.sizes() && stats.dim() == 2 && stats.size(0) == n &&
+                  stats.size(1) == 2,
+              op, ": grad_ce must be [", n, "] and stats [", n, ", 2]; got ", grad_ce.sizes(),
+              " and ", stats.sizes());
+  for (const at::Tensor* t : {&grad_ce, &stats}) {
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == weights.scalar_type() &&
+                    t->device() == weights.device(),
+                op, ": grad_ce and stats must be contiguous ", weights.scalar_type(),
+                " tensors on ", weights.device(), "; got ", t->scalar_type(), " on ", t->device());
   }
 }
 

@@ -19,6 +19,17 @@
 //   transfer[b, l] = key >= 0 && key >= bound;  x_new = transfer ? x0 : x.
 // A confidence of -0 is keyed as +0 (ordered() would put it below a threshold of 0, where the
 // reference's >= commits it), and a NaN confidence scores 0.
+//
+// Non-finite logits (README, "Non-finite and extreme inputs"), with l the fp32 logits after
+// guidance and suppress_ids (-inf), and z = l with zero_confidence_ids at -inf as well:
+//   x0          the first id whose l is NaN, else the first +inf, at every temperature (noise
+//               cannot move them: a finite l's noisy value is clamped to FLT_MAX); else the
+//               (noisy) argmax of the finite l, ties to the lowest id; a row whose l are all
+//               -inf takes the lowest id that is not suppressed. -inf is never chosen over
+//               a finite logit.
+//   confidence  the softmax formulas of z, in fp32. They are NaN when z holds a NaN or +inf, or
+//               no finite value; a NaN confidence scores 0 (ranked with 0: below every
+//               positive confidence, ties by position).
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 

@@ -2,11 +2,17 @@
 //
 // Row r holds the logits x[0..V) of one (batch, position) pair, its clean token t and its
 // weight w = 1 / p_mask (0 when the position is not masked: the row is skipped). With
-// m = max_j x_j:
+// m = max_j x_j and ls = log sum_j exp(x_j - m) (the row's stats):
 //
-//   lse      = m + log sum_j exp(x_j - m)
-//   loss_r   = w * (lse - x_t)                                 (cross-entropy / p_mask)
-//   dx_j     = g * w * (exp(x_j - lse) - [j == t])             (g: upstream gradient)
+//   ce_r     = ls + (m - x_t)                                  (the cross-entropy)
+//   dx_j     = g * (exp((x_j - m) - ls) - [j == t])            (g: the gradient of ce_r)
+//
+// m and ls are kept apart, never summed into a log-sum-exp: at large logits (32 equal logits
+// of 1e8) m + ls rounds to m, and both the loss and the gradient would lose ls.
+// Non-finite logits: a row whose max is not finite (a NaN or +inf logit, or every logit -inf)
+// gets stats (NaN, NaN), so its ce and every dx_j are NaN, as eager PyTorch gives; a -inf
+// target under a finite max gives ce = +inf and a finite gradient (README, "Non-finite and
+// extreme inputs").
 //
 // The forward makes two vectorised sweeps over a row (its max, then the sum of exponentials:
 // one exp per element, cheaper on a CPU than the online rescaling), the backward one sweep that
@@ -74,9 +80,15 @@ inline A horizontal(const Vectorized<A>& v, Op op) {
   return r;
 }
 
-// log sum_j exp(x_j), in two sweeps. NaN in x propagates.
+template <typename A>
+struct Stats {
+  A m;   // max_j x_j
+  A ls;  // log sum_j exp(x_j - m)
+};
+
+// The row's stats, in two sweeps; (NaN, NaN) when the max is NaN, +inf or -inf.
 template <typename T>
-acc_t<T> row_logsumexp(const T* x, int64_t V) {
+Stats<acc_t<T>> row_stats(const T* x, int64_t V) {
   using A = acc_t<T>;
   const int64_t vend = V - V % kStep<T>;
   constexpr A kNegInf = -std::numeric_limits<A>::infinity();
@@ -90,7 +102,10 @@ acc_t<T> row_logsumexp(const T* x, int64_t V) {
   }
   A m = horizontal(at::vec::maximum(m0, m1), nan_max);
   for (int64_t j = vend; j < V; ++j) m = nan_max(m, static_cast<A>(x[j]));
-  if (std::isinf(m)) return m;  // every logit -inf (lse = -inf), or some +inf
+  if (!std::isfinite(m)) {
+    constexpr A kNaN = std::numeric_limits<A>::quiet_NaN();
+    return {kNaN, kNaN};
+  }
 
   const AVec<T> vm(m);
   AVec<T> s0(A(0)), s1(A(0));
@@ -101,24 +116,26 @@ acc_t<T> row_logsumexp(const T* x, int64_t V) {
   }
   A s = horizontal(s0 + s1, std::plus<A>());
   for (int64_t j = vend; j < V; ++j) s += std::exp(static_cast<A>(x[j]) - m);
-  return m + std::log(s);
+  return {m, std::log(s)};
 }
 
-// dx_j = scale * (exp(x_j - lse) - [j == t]). dx may alias x (the in-place form).
+// dx_j = scale * (exp((x_j - m) - ls) - [j == t]). dx may alias x (the in-place form).
 template <typename T>
-void row_grad(const T* x, T* dx, int64_t V, int64_t t, acc_t<T> lse, acc_t<T> scale) {
+void row_grad(const T* x, T* dx, int64_t V, int64_t t, Stats<acc_t<T>> st, acc_t<T> scale) {
   using A = acc_t<T>;
   const bool has_target = 0 <= t && t < V;
   const A xt = has_target ? static_cast<A>(x[t]) : A(0);  // read before dx overwrites it
   const int64_t vend = V - V % kStep<T>;
-  const AVec<T> vlse(lse), vscale(scale);
+  const AVec<T> vm(st.m), vls(st.ls), vscale(scale);
   AVec<T> a, b;
   for (int64_t j = 0; j < vend; j += kStep<T>) {
     load2(x + j, a, b);
-    store2(dx + j, (a - vlse).exp() * vscale, (b - vlse).exp() * vscale);
+    store2(dx + j, ((a - vm) - vls).exp() * vscale, ((b - vm) - vls).exp() * vscale);
   }
-  for (int64_t j = vend; j < V; ++j) dx[j] = static_cast<T>(std::exp(static_cast<A>(x[j]) - lse) * scale);
-  if (has_target) dx[t] = static_cast<T>(std::expm1(xt - lse) * scale);
+  for (int64_t j = vend; j < V; ++j) {
+    dx[j] = static_cast<T>(std::exp((static_cast<A>(x[j]) - st.m) - st.ls) * scale);
+  }
+  if (has_target) dx[t] = static_cast<T>(std::expm1((xt - st.m) - st.ls) * scale);
 }
 
 template <typename T>
@@ -126,11 +143,11 @@ void row_zero(T* dx, int64_t V) {
   std::fill(dx, dx + V, T(0));
 }
 
-// w * (lse - x_t), NaN for a target outside [0, V).
+// ce = ls + (m - x_t), NaN for a target outside [0, V).
 template <typename T>
-inline acc_t<T> row_loss(const T* x, int64_t V, int64_t t, acc_t<T> lse, acc_t<T> w) {
+inline acc_t<T> row_ce(const T* x, int64_t V, int64_t t, Stats<acc_t<T>> st) {
   if (t < 0 || t >= V) return std::numeric_limits<acc_t<T>>::quiet_NaN();
-  return w * (lse - static_cast<acc_t<T>>(x[t]));
+  return st.ls + (st.m - static_cast<acc_t<T>>(x[t]));
 }
 
 // Rows per parallel task: about 32K elements, as ATen's own grain size.
@@ -141,34 +158,36 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& logits, const at::T
                                            const at::Tensor& weights) {
   check_rows("masked_diffusion_loss", logits, targets, weights);
   const int64_t N = logits.size(0), V = logits.size(1), ld = logits.stride(0);
-  at::Tensor losses = at::empty_like(weights), lse = at::empty_like(weights);
+  at::Tensor ce = at::empty_like(weights), stats = at::empty({N, 2}, weights.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "mdl_fwd_cpu", [&] {
     using A = acc_t<scalar_t>;
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     const int64_t* t = targets.const_data_ptr<int64_t>();
     const A* w = weights.const_data_ptr<A>();
-    A* out = losses.mutable_data_ptr<A>();
-    A* out_lse = lse.mutable_data_ptr<A>();
+    A* out = ce.mutable_data_ptr<A>();
+    A* out_stats = stats.mutable_data_ptr<A>();
     at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
+        Stats<A> st{A(0), A(0)};
         if (w[r] == A(0)) {
           out[r] = A(0);
-          out_lse[r] = A(0);
-          continue;
+        } else {
+          const scalar_t* row = x + r * ld;
+          st = row_stats(row, V);
+          out[r] = row_ce(row, V, t[r], st);
         }
-        const scalar_t* row = x + r * ld;
-        out_lse[r] = row_logsumexp(row, V);
-        out[r] = row_loss(row, V, t[r], out_lse[r], w[r]);
+        out_stats[2 * r] = st.m;
+        out_stats[2 * r + 1] = st.ls;
       }
     });
   });
-  return {losses, lse};
+  return {ce, stats};
 }
 
-at::Tensor bwd_cpu(const at::Tensor& grad_losses, const at::Tensor& logits, const at::Tensor& targets,
-                   const at::Tensor& weights, const at::Tensor& lse) {
+at::Tensor bwd_cpu(const at::Tensor& grad_ce, const at::Tensor& logits, const at::Tensor& targets,
+                   const at::Tensor& weights, const at::Tensor& stats) {
   check_rows("masked_diffusion_loss_backward", logits, targets, weights);
-  check_bwd("masked_diffusion_loss_backward", grad_losses, lse, weights);
+  check_bwd("masked_diffusion_loss_backward", grad_ce, stats, weights);
   const int64_t N = logits.size(0), V = logits.size(1), ld = logits.stride(0);
   at::Tensor grad = at::empty({N, V}, logits.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "mdl_bwd_cpu", [&] {
@@ -177,14 +196,14 @@ at::Tensor bwd_cpu(const at::Tensor& grad_losses, const at::Tensor& logits, cons
     scalar_t* dx = grad.mutable_data_ptr<scalar_t>();
     const int64_t* t = targets.const_data_ptr<int64_t>();
     const A* w = weights.const_data_ptr<A>();
-    const A* g = grad_losses.const_data_ptr<A>();
-    const A* l = lse.const_data_ptr<A>();
+    const A* g = grad_ce.const_data_ptr<A>();
+    const A* st = stats.const_data_ptr<A>();
     at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         if (w[r] == A(0)) {
           row_zero(dx + r * V, V);  // unmasked rows: exactly zero, whatever g is
         } else {
-          row_grad(x + r * ld, dx + r * V, V, t[r], l[r], g[r] * w[r]);
+          row_grad(x + r * ld, dx + r * V, V, t[r], Stats<A>{st[2 * r], st[2 * r + 1]}, g[r]);
         }
       }
     });
@@ -195,13 +214,13 @@ at::Tensor bwd_cpu(const at::Tensor& grad_losses, const at::Tensor& logits, cons
 at::Tensor fwd_bwd_cpu(at::Tensor& logits, const at::Tensor& targets, const at::Tensor& weights) {
   check_rows("masked_diffusion_loss_fwd_bwd", logits, targets, weights);
   const int64_t N = logits.size(0), V = logits.size(1), ld = logits.stride(0);
-  at::Tensor losses = at::empty_like(weights);
+  at::Tensor ce = at::empty_like(weights);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "mdl_fwd_bwd_cpu", [&] {
     using A = acc_t<scalar_t>;
     scalar_t* x = logits.mutable_data_ptr<scalar_t>();
     const int64_t* t = targets.const_data_ptr<int64_t>();
     const A* w = weights.const_data_ptr<A>();
-    A* out = losses.mutable_data_ptr<A>();
+    A* out = ce.mutable_data_ptr<A>();
     at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         scalar_t* row = x + r * ld;
@@ -210,13 +229,13 @@ at::Tensor fwd_bwd_cpu(at::Tensor& logits, const at::Tensor& targets, const at::
           row_zero(row, V);
           continue;
         }
-        const A lse = row_logsumexp(row, V);
-        out[r] = row_loss(row, V, t[r], lse, w[r]);
-        row_grad(row, row, V, t[r], lse, w[r]);  // the row is still in cache
+        const Stats<A> st = row_stats(row, V);
+        out[r] = row_ce(row, V, t[r], st);
+        row_grad(row, row, V, t[r], st, w[r]);  // the row is still in cache
       }
     });
   });
-  return losses;
+  return ce;
 }
 
 }  // namespace

@@ -8,15 +8,18 @@
 //   l_v    the fp32 logit of id v, after CFG: un + (s + 1) (cond - un); -inf for suppress_ids
 //   z_v    l_v, and -inf for zero_confidence_ids too: the confidence logits
 //   m, m2  the largest and second largest z_v;  S = sum_v exp(z_v - m)
-// Choice       x0 = argmax_v l_v, lowest id on ties                          (T = 0)
-//              x0 = argmax_v fma(T, g(r, v), l_v), g Gumbel (common/random.h) (T > 0)
+// Choice       x0 = the first NaN l_v, else the first +inf, at any temperature;   (non-finite)
+//              x0 = the lowest id not suppressed if every l_v is -inf;
+//              x0 = argmax_v l_v, lowest id on ties                          (T = 0)
+//              x0 = argmax_v min(fma(T, g(r, v), l_v), FLT_MAX), g Gumbel (common/random.h),
+//                   lowest id on ties                                         (T > 0)
 // Confidence   low_confidence  p[x0]       = exp(z[x0] - m) / S
 //              margin          p1 - p2     = 1/S - exp(m2 - m) / S
 //              entropy         sum p log p = (sum_v e_v t_v) / S - log S,
 //                                            t_v = z_v - m, e_v = exp(t_v), 0 where e_v = 0
 //              random          remask_uniform(seed, r)
-//              A row without a finite m (all -inf, or +inf/NaN logits) scores 0, as the
-//              reference's nan_to_num does.
+//              A row without a finite m (all -inf, or a +inf/NaN confidence logit) scores 0,
+//              as the reference's nan_to_num does (common/remask.h states the contract).
 //
 // Cost. Non-candidates cost nothing. A candidate's row (LLaDA: V = 126464, 247 KiB in bf16)
 // is read by three passes that hit L2 after the first: the max (and runner-up), the first id
@@ -61,6 +64,7 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kW = Vec::size();
 constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kMax = std::numeric_limits<float>::max();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 // Every value of gumbel_from_bits is below this (its largest, at all-ones bits, is
 // 54 log 2 = 37.43): fma(T, kGumbelBound, l_v) bounds the noisy logit of id v.
@@ -212,9 +216,11 @@ int64_t find_first(const R& row, const std::vector<Run>& runs, float target) {
   return -1;
 }
 
-// x0 = argmax_v fma(T, g(r, v), l_v) over `runs`, lowest id on ties; -1 if every value is
-// -inf or NaN. `start` (or -1) is a good guess, the argmax of l, whose noisy value is the
-// first best so far. Ids go in blocks of 16 from an even id, with lmax their largest l:
+// x0 = argmax_v min(fma(T, g(r, v), l_v), FLT_MAX) over `runs`, lowest id on ties, for a row
+// of finite and -inf logits (the caller handles NaN and +inf); -1 if every value is -inf. The
+// clamp keeps an overflowing noisy logit below a +inf one. `start` (or -1) is a good guess,
+// the argmax of l, whose noisy value is the first best so far. Ids go in blocks of 16 from an
+// even id, with lmax their largest l:
 //   fma(T, kGumbelBound, lmax) < best   no id can win: no draw at all;
 //   otherwise                            8 Philox calls (the compiler vectorises them), and
 //                                        only ids whose draw could give g >= (best - lmax) / T
@@ -230,7 +236,8 @@ int64_t noisy_argmax(const R& row, const std::vector<Run>& runs, float T, uint64
   if (start >= 0) {
     uint64_t even, odd;
     gumbel_bits_pair(seed, r, start >> 1, even, odd);
-    const float y = std::fma(T, gumbel_from_bits((start & 1) ? odd : even), row.one(start));
+    const float g = gumbel_from_bits((start & 1) ? odd : even);
+    const float y = std::min(std::fma(T, g, row.one(start)), kMax);
     if (y > best) {
       best = y;
       arg = start;
@@ -260,7 +267,7 @@ int64_t noisy_argmax(const R& row, const std::vector<Run>& runs, float T, uint64
       for (int64_t i = 0; i < kBlock; ++i) {
         const uint64_t draw = draws[(i & 1) * kPairs + (i >> 1)];
         if ((~draw >> 11) > cap) continue;
-        const float y = std::fma(T, gumbel_from_bits(draw), l[i]);
+        const float y = std::min(std::fma(T, gumbel_from_bits(draw), l[i]), kMax);
         const int64_t v = v0 + i;
         if (y > best || (y == best && v < arg)) {
           best = y;
@@ -344,6 +351,7 @@ struct Params {
   std::vector<int64_t> zero_only;  // zero_confidence_ids that are not suppressed
   std::vector<Run> choice_runs;    // ids that x0 may take: [0, V) minus suppress_ids
   std::vector<Run> conf_runs;      // ids in the confidence softmax: [0, V) minus cut
+  int64_t first_allowed;           // the lowest id not suppressed: x0 of an all -inf row
 };
 
 struct Scored {
@@ -362,12 +370,13 @@ Scored score(const R& row, const Params& p, int64_t r) {
     const float f = row.one(v);
     if (std::isnan(f) || f > lmax) lmax = f;
   }
-  // The first id at the max. If every value is -inf, x0 = 0, as torch.argmax gives.
-  const int64_t first = lmax == -kInf ? -1 : find_first(row, p.choice_runs, lmax);
-  int64_t x0 = p.temperature > 0
-                   ? noisy_argmax(row, p.choice_runs, p.temperature, p.seed, r, first)
-                   : first;
-  x0 = std::max<int64_t>(x0, 0);
+  // x0 (common/remask.h): the first id at the max when it is NaN or +inf (noise cannot move
+  // it) or at T = 0; the lowest allowed id if every value is -inf; else Gumbel-max.
+  int64_t x0 = lmax == -kInf ? -1 : find_first(row, p.choice_runs, lmax);
+  if (p.temperature > 0 && x0 >= 0 && lmax < kInf) {
+    x0 = noisy_argmax(row, p.choice_runs, p.temperature, p.seed, r, x0);
+  }
+  if (x0 < 0) x0 = p.first_allowed;  // every (noisy) value is -inf
 
   float c = 0.f;
   if (p.mode == Remasking::Random) {
@@ -477,6 +486,7 @@ std::tuple<at::Tensor, at::Tensor> remask_step_cpu(
                       std::back_inserter(p.zero_only));
   p.choice_runs = runs_between(suppress, V);
   p.conf_runs = runs_between(p.cut, V);
+  p.first_allowed = p.choice_runs.empty() ? 0 : p.choice_runs.front().begin;
 
   // Candidates, row by row: cand[row_start[b] .. row_start[b + 1]) holds r = b * L + l.
   const int64_t* xs = x.const_data_ptr<int64_t>();

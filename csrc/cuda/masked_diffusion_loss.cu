@@ -1,11 +1,15 @@
 // CUDA kernels of the masked diffusion loss (schemas: csrc/ops.cpp).
 //
 // Row r holds the logits x[0..V) of one (batch, position), its target t and its weight
-// w = 1 / p_mask (0 where not masked: the row is skipped and its gradient is zero):
+// w = 1 / p_mask (0 where not masked: the row is skipped, its ce and gradient are zero). Its
+// stats are m = max_j x_j and ls = log sum_j exp(x_j - m), kept apart (at large logits m + ls
+// rounds to m):
 //
-//   lse    = log sum_j exp(x_j)
-//   loss_r = w * (lse - x_t)
-//   dx_j   = g_r * w * (exp(x_j - lse) - [j == t])
+//   ce_r   = ls + (m - x_t)
+//   dx_j   = g_r * (exp((x_j - m) - ls) - [j == t])      (g_r: the gradient of ce_r)
+//
+// A row whose max is not finite (a NaN or +inf logit, or every logit -inf) gets stats
+// (NaN, NaN): its ce and gradient are NaN (README, "Non-finite and extreme inputs").
 //
 // One thread block per row. Forward: each thread keeps an online (max m, sum s of exp(x - m))
 // over a strided slice of the row, one exp per element:
@@ -44,17 +48,26 @@ struct MaxSum {
 };
 
 template <typename A>
+struct Stats {
+  A m;   // the row max
+  A ls;  // log sum_j exp(x_j - m)
+};
+
+// A pair whose m is -inf has s = 0, or NaN when it has seen a NaN logit (NaN > m is false):
+// merging two such pairs adds their s, so that the NaN survives.
+template <typename A>
 __device__ __forceinline__ MaxSum<A> merge(MaxSum<A> a, MaxSum<A> b) {
   const A m = (a.m > b.m || a.m != a.m) ? a.m : b.m;  // NaN propagates
-  if (m == -cuda::std::numeric_limits<A>::infinity()) return {m, A(0)};
+  if (m == -cuda::std::numeric_limits<A>::infinity()) return {m, a.s + b.s};
   return {m, a.s * exp(a.m - m) + b.s * exp(b.m - m)};
 }
 
-// The block's (max, sum) over every thread's pair, returned to every thread as lse.
+// The block's (max, sum) over every thread's pair, returned to every thread as the row's stats
+// (m, log s): (NaN, NaN) when m is not finite, or s is NaN (a NaN logit).
 template <typename A>
-__device__ A block_logsumexp(MaxSum<A> p) {
+__device__ Stats<A> block_stats(MaxSum<A> p) {
   __shared__ A sm[kWarps], ss[kWarps];
-  __shared__ A result;
+  __shared__ Stats<A> result;
   for (int offset = 16; offset > 0; offset /= 2)
     p = merge(p, MaxSum<A>{__shfl_xor_sync(0xffffffffu, p.m, offset), __shfl_xor_sync(0xffffffffu, p.s, offset)});
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -65,14 +78,20 @@ __device__ A block_logsumexp(MaxSum<A> p) {
                       : MaxSum<A>{-cuda::std::numeric_limits<A>::infinity(), A(0)};
     for (int offset = 16; offset > 0; offset /= 2)
       p = merge(p, MaxSum<A>{__shfl_xor_sync(0xffffffffu, p.m, offset), __shfl_xor_sync(0xffffffffu, p.s, offset)});
-    if (lane == 0) result = p.m + log(p.s);
+    if (lane == 0) {
+      const A nan = cuda::std::numeric_limits<A>::quiet_NaN();
+      const bool ok = fabs(p.m) < cuda::std::numeric_limits<A>::infinity() && p.s == p.s;
+      result.m = ok ? p.m : nan;
+      result.ls = ok ? log(p.s) : nan;
+    }
   }
   __syncthreads();
   return result;
 }
 
+// The row's stats (see block_stats).
 template <typename T, typename A = at::opmath_type<T>>
-__device__ A row_logsumexp(const T* __restrict__ x, int64_t V) {
+__device__ Stats<A> row_stats(const T* __restrict__ x, int64_t V) {
   constexpr A kNegInf = -cuda::std::numeric_limits<A>::infinity();
   MaxSum<A> p{kNegInf, A(0)};
   for (int64_t j = threadIdx.x; j < V; j += kThreads) {
@@ -84,7 +103,7 @@ __device__ A row_logsumexp(const T* __restrict__ x, int64_t V) {
       p.s += exp(v - p.m);
     }
   }
-  return block_logsumexp(p);
+  return block_stats(p);
 }
 
 template <typename T, typename A>
@@ -92,12 +111,12 @@ __device__ __forceinline__ A target_logit(const T* x, int64_t V, int64_t t) {
   return (0 <= t && t < V) ? static_cast<A>(x[t]) : cuda::std::numeric_limits<A>::quiet_NaN();
 }
 
-// dx_j = scale * (exp(x_j - lse) - [j == t]); dx may alias x (each element is read, then written
-// by the same thread).
+// dx_j = scale * (exp((x_j - m) - ls) - [j == t]); dx may alias x (each element is read, then
+// written by the same thread).
 template <typename T, typename A>
-__device__ void row_grad(const T* x, T* dx, int64_t V, int64_t t, A lse, A scale) {
+__device__ void row_grad(const T* x, T* dx, int64_t V, int64_t t, Stats<A> st, A scale) {
   for (int64_t j = threadIdx.x; j < V; j += kThreads) {
-    const A p = exp(static_cast<A>(x[j]) - lse);
+    const A p = exp((static_cast<A>(x[j]) - st.m) - st.ls);
     dx[j] = static_cast<T>((j == t ? p - A(1) : p) * scale);
   }
 }
@@ -110,48 +129,45 @@ __device__ void row_zero(T* dx, int64_t V) {
 template <typename T, typename A = at::opmath_type<T>>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(
     const T* __restrict__ logits, const int64_t* __restrict__ targets, const A* __restrict__ weights,
-    A* __restrict__ losses, A* __restrict__ lse_out, int64_t V, int64_t stride_row) {
+    A* __restrict__ ce, A* __restrict__ stats, int64_t V, int64_t stride_row) {
   const int64_t r = blockIdx.x;
-  const A w = weights[r];
-  if (w == A(0)) {
-    if (threadIdx.x == 0) losses[r] = A(0), lse_out[r] = A(0);
-    return;
-  }
   const T* x = logits + r * stride_row;
-  const A lse = row_logsumexp<T>(x, V);
+  Stats<A> st{A(0), A(0)};
+  if (weights[r] != A(0)) st = row_stats<T>(x, V);  // block-uniform: it synchronises
   if (threadIdx.x == 0) {
-    losses[r] = w * (lse - target_logit<T, A>(x, V, targets[r]));
-    lse_out[r] = lse;
+    ce[r] = weights[r] == A(0) ? A(0) : st.ls + (st.m - target_logit<T, A>(x, V, targets[r]));
+    stats[2 * r] = st.m;
+    stats[2 * r + 1] = st.ls;
   }
 }
 
 template <typename T, typename A = at::opmath_type<T>>
 __global__ void __launch_bounds__(kThreads) bwd_kernel(
-    const A* __restrict__ grad_losses, const T* __restrict__ logits, const int64_t* __restrict__ targets,
-    const A* __restrict__ weights, const A* __restrict__ lse, T* __restrict__ grad, int64_t V,
+    const A* __restrict__ grad_ce, const T* __restrict__ logits, const int64_t* __restrict__ targets,
+    const A* __restrict__ weights, const A* __restrict__ stats, T* __restrict__ grad, int64_t V,
     int64_t stride_row) {
   const int64_t r = blockIdx.x;
-  const A w = weights[r];
-  if (w == A(0)) return row_zero(grad + r * V, V);
-  row_grad<T, A>(logits + r * stride_row, grad + r * V, V, targets[r], lse[r], grad_losses[r] * w);
+  if (weights[r] == A(0)) return row_zero(grad + r * V, V);
+  row_grad<T, A>(logits + r * stride_row, grad + r * V, V, targets[r],
+                 Stats<A>{stats[2 * r], stats[2 * r + 1]}, grad_ce[r]);
 }
 
 template <typename T, typename A = at::opmath_type<T>>
 __global__ void __launch_bounds__(kThreads) fwd_bwd_kernel(
-    T* logits, const int64_t* __restrict__ targets, const A* __restrict__ weights, A* __restrict__ losses,
+    T* logits, const int64_t* __restrict__ targets, const A* __restrict__ weights, A* __restrict__ ce,
     int64_t V, int64_t stride_row) {
   const int64_t r = blockIdx.x;
   const A w = weights[r];
   T* x = logits + r * stride_row;
   if (w == A(0)) {
-    if (threadIdx.x == 0) losses[r] = A(0);
+    if (threadIdx.x == 0) ce[r] = A(0);
     return row_zero(x, V);
   }
   const int64_t t = targets[r];
-  const A lse = row_logsumexp<T>(x, V);
-  if (threadIdx.x == 0) losses[r] = w * (lse - target_logit<T, A>(x, V, t));
+  const Stats<A> st = row_stats<T>(x, V);
+  if (threadIdx.x == 0) ce[r] = st.ls + (st.m - target_logit<T, A>(x, V, t));
   __syncthreads();  // x[t] is read above before any thread overwrites it
-  row_grad<T, A>(x, x, V, t, lse, w);
+  row_grad<T, A>(x, x, V, t, st, w);
 }
 
 // One block per row: N is at most 2^31 - 1 (grid.x).
@@ -165,22 +181,22 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& logits, const at::
   check_rows("masked_diffusion_loss", logits, targets, weights);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), V = logits.size(1);
-  at::Tensor losses = at::empty_like(weights), lse = at::empty_like(weights);
-  if (N == 0) return {losses, lse};
+  at::Tensor ce = at::empty_like(weights), stats = at::empty({N, 2}, weights.options());
+  if (N == 0) return {ce, stats};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "mdl_fwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
     fwd_kernel<scalar_t><<<grid(N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         logits.const_data_ptr<scalar_t>(), targets.const_data_ptr<int64_t>(), weights.const_data_ptr<A>(),
-        losses.mutable_data_ptr<A>(), lse.mutable_data_ptr<A>(), V, logits.stride(0));
+        ce.mutable_data_ptr<A>(), stats.mutable_data_ptr<A>(), V, logits.stride(0));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {losses, lse};
+  return {ce, stats};
 }
 
-at::Tensor bwd_cuda(const at::Tensor& grad_losses, const at::Tensor& logits, const at::Tensor& targets,
-                    const at::Tensor& weights, const at::Tensor& lse) {
+at::Tensor bwd_cuda(const at::Tensor& grad_ce, const at::Tensor& logits, const at::Tensor& targets,
+                    const at::Tensor& weights, const at::Tensor& stats) {
   check_rows("masked_diffusion_loss_backward", logits, targets, weights);
-  check_bwd("masked_diffusion_loss_backward", grad_losses, lse, weights);
+  check_bwd("masked_diffusion_loss_backward", grad_ce, stats, weights);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), V = logits.size(1);
   at::Tensor grad = at::empty({N, V}, logits.options());
@@ -188,8 +204,8 @@ at::Tensor bwd_cuda(const at::Tensor& grad_losses, const at::Tensor& logits, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "mdl_bwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
     bwd_kernel<scalar_t><<<grid(N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        grad_losses.const_data_ptr<A>(), logits.const_data_ptr<scalar_t>(), targets.const_data_ptr<int64_t>(),
-        weights.const_data_ptr<A>(), lse.const_data_ptr<A>(), grad.mutable_data_ptr<scalar_t>(), V,
+        grad_ce.const_data_ptr<A>(), logits.const_data_ptr<scalar_t>(), targets.const_data_ptr<int64_t>(),
+        weights.const_data_ptr<A>(), stats.const_data_ptr<A>(), grad.mutable_data_ptr<scalar_t>(), V,
         logits.stride(0));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -200,16 +216,16 @@ at::Tensor fwd_bwd_cuda(at::Tensor& logits, const at::Tensor& targets, const at:
   check_rows("masked_diffusion_loss_fwd_bwd", logits, targets, weights);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), V = logits.size(1);
-  at::Tensor losses = at::empty_like(weights);
-  if (N == 0) return losses;
+  at::Tensor ce = at::empty_like(weights);
+  if (N == 0) return ce;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "mdl_fwd_bwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
     fwd_bwd_kernel<scalar_t><<<grid(N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         logits.mutable_data_ptr<scalar_t>(), targets.const_data_ptr<int64_t>(), weights.const_data_ptr<A>(),
-        losses.mutable_data_ptr<A>(), V, logits.stride(0));
+        ce.mutable_data_ptr<A>(), V, logits.stride(0));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return losses;
+  return ce;
 }
 
 }  // namespace

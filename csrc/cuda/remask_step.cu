@@ -13,7 +13,10 @@
 //   l_v  = logits, or un + (s + 1) * (c - un) with classifier-free guidance;
 //   ch_v = l_v, or -inf for suppress_ids                       (the choice logits)
 //   cl_v = ch_v, or -inf for zero_confidence_ids               (the confidence logits)
-//   x0   = argmax_v ch_v + T * g_v, ties to the lowest id, g_v ~ Gumbel (common/random.h)
+//   x0   = argmax_v of ch_v + T * g_v, g_v ~ Gumbel (common/random.h), in torch.argmax order
+//          (NaN above +inf above numbers, ties to the lowest id). A finite ch_v's noisy value
+//          is clamped to FLT_MAX, so that NaN and +inf logits win whatever the noise; a row
+//          of -inf takes first_allowed, the lowest id not suppressed (common/remask.h).
 //   m = max cl,  s = sum exp(cl - m),  t = sum exp(cl - m) (cl - m),  m2 = 2nd largest cl
 //   confidence: low_confidence  p(x0)  = exp(cl_x0 - m) / s
 //               margin          p1 - p2 = 1 / s - exp(m2 - m) / s
@@ -46,6 +49,7 @@ namespace llada::cuda {
 namespace {
 
 constexpr float kInf = __builtin_huge_valf();
+constexpr float kFltMax = 3.402823466e38f;
 constexpr int kScoreThreads = 256;   // one block per position
 // 16-byte loads in flight per thread and input. Noise (~100 instructions a logit) hides the
 // latency of one load; the noise-free pass is memory bound and keeps four in flight.
@@ -66,6 +70,7 @@ struct SpecialIds {
   int32_t id[kMaxSpecialIds];
   int n_suppress;
   int n;
+  int first_allowed;  // the lowest id not in suppress_ids
 };
 
 template <typename scalar_t>
@@ -172,7 +177,9 @@ __device__ __forceinline__ void absorb(RowStats& st, const float (&lv)[N], int v
         const int v = v0 + i;
         if (i == 0 || (v & 1) == 0) gumbel_bits_pair(seed, r, v >> 1, even, odd);
         const float g = gumbel_from_bits((v & 1) ? odd : even);
-        noisy[i] = __fadd_rn(ch[i], __fmul_rn(p.temperature, g));
+        // NaN and +-inf stay: noise cannot move them. A finite value stays below +inf.
+        if (fabsf(ch[i]) < kInf)
+          noisy[i] = fminf(__fadd_rn(ch[i], __fmul_rn(p.temperature, g)), kFltMax);
       }
     }
   }
@@ -315,7 +322,7 @@ __global__ void __launch_bounds__(kScoreThreads, 1) score_kernel(const ScorePara
         conf = remask_uniform(seed, r);
       }
       conf = conf != conf ? 0.f : conf + 0.f;  // NaN -> 0 (nan_to_num), -0 -> +0
-      p.x0[r] = st.best_id == INT32_MAX ? 0 : st.best_id;  // all -inf: argmax is id 0
+      p.x0[r] = st.best_id == INT32_MAX ? p.ids.first_allowed : st.best_id;  // all -inf
       p.key[r] = selection_key(conf, l);
     }
   }
@@ -453,6 +460,9 @@ SpecialIds pack_ids(at::IntArrayRef suppress_ids, at::IntArrayRef zero_confidenc
   std::copy(ids.begin(), ids.end(), out.id);
   out.n_suppress = n_suppress;
   out.n = static_cast<int>(ids.size());
+  while (std::find(ids.begin(), ids.begin() + n_suppress, out.first_allowed) !=
+         ids.begin() + n_suppress)
+    ++out.first_allowed;
   return out;
 }
 

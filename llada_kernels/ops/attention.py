@@ -117,6 +117,11 @@ def _setup_context(ctx, inputs, output):
 
 def _make_backward(bwd):
     def backward(ctx, grad_out, grad_lse):
+        if torch.is_grad_enabled():  # the engine enables grad mode only for create_graph=True
+            raise RuntimeError(
+                f"{OP}: double backward (create_graph=True) is not supported by the cpu, triton "
+                "and cuda kernels: their backward is not differentiable. Use backend='reference' "
+                "for second derivatives.")
         q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
         dq, dk, dv = bwd(_checks.unit_stride(grad_out), q, k, v, key_padding_mask, out, lse, ctx.scale)
         return dq, dk, dv, None, None

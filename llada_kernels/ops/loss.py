@@ -5,7 +5,8 @@
 Both forms reduce the batch to rows r = (b, l), N = B * L of them, with a weight per row:
 w_r = 1 / p_mask where masked, 0 where not (such rows are skipped). The row kernels
 (llada::masked_diffusion_loss, _backward, _fwd_bwd; schemas in csrc/ops.cpp) see only logits
-[N, V], targets [N] and weights [N].
+[N, V], targets [N] and weights [N], and return each row's cross-entropy ce [N]; the loss is
+sum(w * ce), multiplied here, so that autograd differentiates p_mask through w = 1 / p_mask.
 """
 
 from __future__ import annotations
@@ -56,7 +57,18 @@ def masked_diffusion_loss(
         for pre-training, by B for SFT (see llada_kernels.training).
 
     Gradient: d loss / d logits in the logits' dtype, computed in float32; exactly zero on
-    unmasked rows. No host synchronisation (the value checks aside: see _checks).
+    unmasked rows. A p_mask that requires grad gets d loss / d p_mask = -CE / p_mask^2 (summed
+    over L for a [B] p_mask), on every backend. Double backward (create_graph=True) is exact
+    on every backend: the first backward then runs in eager PyTorch ops (materialising the
+    softmax) so that it can be differentiated again. No host synchronisation (the value checks
+    aside: see _checks).
+
+    Non-finite and extreme logits (README, "Non-finite and extreme inputs"): a masked row with
+    a NaN or +inf logit, or with every logit -inf, has a NaN loss and a NaN gradient row (as
+    eager F.cross_entropy); a -inf target logit (with a finite max) gives +inf and a finite
+    gradient; -inf elsewhere is probability 0. Every backend subtracts the row max before the
+    log-sum-exp and the target, so large logits lose nothing (32 equal logits of 1e8: log 32).
+    Unmasked rows are never read.
     """
     B, L, V = _check(OP, logits, "logits", targets, masked, p_mask)
     if reduction not in REDUCTIONS:
@@ -67,8 +79,10 @@ def masked_diffusion_loss(
 
     op = torch.ops.llada.masked_diffusion_loss_triton if name == "triton" else torch.ops.llada.masked_diffusion_loss
     rows = logits.reshape(B * L, V)
-    losses, _ = op(rows if rows.stride(-1) == 1 else rows.contiguous(), targets.reshape(-1).contiguous(),
-                   _row_weights(masked, p_mask, B, L, logits.dtype))
+    weights = _row_weights(masked, p_mask, B, L, logits.dtype)  # differentiable in p_mask
+    ce, _ = op(rows if rows.stride(-1) == 1 else rows.contiguous(), targets.reshape(-1).contiguous(),
+               weights.detach())
+    losses = ce * weights
     return losses.sum() if reduction == "sum" else losses.view(B, L)
 
 
@@ -112,6 +126,12 @@ def fused_linear_masked_diffusion_loss(
     Memory: with gradients enabled, d hidden ([B, L, D], hidden's dtype), d weight ([V, D],
     accumulated in float32 across chunks) and d bias are computed in the forward and kept
     until backward, which scales them by the upstream gradient (see _fused_backward).
+
+    Gradients: hidden, weight, bias, and p_mask when it requires grad (-CE / p_mask^2, from
+    each row's cross-entropy, kept as an [B * L] vector). Double backward (create_graph=True)
+    raises: the gradients are computed in the forward and are not differentiable again; use
+    masked_diffusion_loss on materialised logits, or backend="reference". Non-finite logits
+    follow masked_diffusion_loss.
     """
     B, L, D = _check(FUSED_OP, hidden, "hidden", targets, masked, p_mask)
     _checks.check_tensor(FUSED_OP, "weight", weight, dtypes=(hidden.dtype,), ndim=2)
@@ -133,6 +153,7 @@ def fused_linear_masked_diffusion_loss(
                                                             bias=bias)
     compute_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
+    # The weights carry p_mask's gradient (the op's backward gives d loss / d weights = ce).
     loss, *_ = torch.ops.llada.fused_linear_masked_diffusion_loss(
         hidden.reshape(B * L, D), weight, bias, targets.reshape(-1).contiguous(),
         _row_weights(masked, p_mask, B, L, hidden.dtype), chunk_size or 0, name, compute_grad)
@@ -153,14 +174,16 @@ def _check(op, x, x_name, targets, masked, p_mask):
     else:
         _checks.check_shape(op, "p_mask", p_mask, (B, L))
     _checks.check_device(op, "p_mask", p_mask, x.device, x_name)
-    _checks.check_positive_finite(op, "p_mask", p_mask)
+    # Checked as the kernels use it: cast to the accumulation dtype, and inverted.
+    _checks.check_positive_finite(op, "p_mask", p_mask, reference.accumulation_dtype(x.dtype))
     if x_name == "logits":
         _checks.check_index(op, "targets", targets, last, where=masked)
     return B, L, last
 
 
 def _row_weights(masked, p_mask, B, L, dtype):
-    """[N] weights in the accumulation dtype: 1 / p_mask where masked, 0 elsewhere."""
+    """[N] weights in the accumulation dtype: 1 / p_mask where masked, 0 elsewhere
+    (differentiable in p_mask)."""
     acc = reference.accumulation_dtype(dtype)
     p = reference.expand_p_mask(p_mask, B, L).to(acc)
     return torch.where(masked, p.reciprocal(), 0).reshape(-1)
@@ -169,10 +192,10 @@ def _row_weights(masked, p_mask, B, L, dtype):
 # --- the row kernels: fakes and autograd -----------------------------------------------------
 
 def _rows_fake(logits, targets, weights):
-    return torch.empty_like(weights), torch.empty_like(weights)
+    return torch.empty_like(weights), weights.new_empty((weights.shape[0], 2))
 
 
-def _backward_fake(grad_losses, logits, targets, weights, lse):
+def _backward_fake(grad_ce, logits, targets, weights, stats):
     return logits.new_empty(logits.shape)
 
 
@@ -183,17 +206,31 @@ def _fwd_bwd_fake(logits, targets, weights):
 def _setup_context(ctx, inputs, output):
     logits, targets, weights = inputs
     ctx.save_for_backward(logits, targets, weights, output[1])
-    ctx.set_materialize_grads(False)  # lse is never differentiated: no zeros for its gradient
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # stats are never differentiated: no zeros for their gradient
 
 
 def _autograd_backward(backward_op):
-    def backward(ctx, grad_losses, _grad_lse):
-        if grad_losses is None:
+    def backward(ctx, grad_ce, _grad_stats):
+        if grad_ce is None or not ctx.needs_input_grad[0]:
             return None, None, None
-        logits, targets, weights, lse = ctx.saved_tensors
-        grad = backward_op(grad_losses.contiguous(), logits, targets, weights, lse)
-        return grad, None, None
+        logits, targets, weights, stats = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable again
+            return _differentiable_grad(grad_ce, logits, targets, weights), None, None
+        return backward_op(grad_ce.contiguous(), logits, targets, weights, stats), None, None
     return backward
+
+
+def _differentiable_grad(grad_ce, logits, targets, weights):
+    """The backward kernel's result, grad_ce * (softmax(logits) - onehot(targets)) on rows with
+    weight != 0 and 0 elsewhere, in eager PyTorch ops, so that autograd can differentiate it
+    again (double backward). logits [N, V], targets [N], weights and grad_ce [N]."""
+    V = logits.shape[1]
+    active = weights != 0
+    probs = torch.softmax(logits.to(weights.dtype), dim=-1)
+    onehot = F.one_hot(torch.where(active, targets, 0).clamp(0, max(V - 1, 0)), V).to(probs.dtype)
+    grad = (probs - onehot) * torch.where(active, grad_ce, 0)[:, None]
+    return torch.where(active[:, None], grad, 0).to(logits.dtype)
 
 
 # --- the fused-linear composite ---------------------------------------------------------------
@@ -214,7 +251,7 @@ def _fused_impl(hidden, weight, bias, targets, weights, chunk_size, backend, com
     rows = torch.nonzero(weights).squeeze(1)  # the one host sync: the masked count
     M = rows.numel()
     chunk = chunk_size if chunk_size > 0 else _chunk_rows(M, D, V, hidden.element_size())
-    loss = weights.new_zeros(())
+    ce = torch.zeros_like(weights)  # each row's cross-entropy, 0 where unmasked
     acc = weights.dtype
     if compute_grad:
         grad_hidden = torch.zeros_like(hidden)
@@ -227,10 +264,10 @@ def _fused_impl(hidden, weight, bias, targets, weights, chunk_size, backend, com
         logits = F.linear(h, weight, bias)                    # [C, V]
         t, w = targets.index_select(0, index), weights.index_select(0, index)
         if not compute_grad:
-            loss += fwd(logits, t, w)[0].sum()
+            ce.index_copy_(0, index, fwd(logits, t, w)[0])
             del logits, h
             continue
-        loss += fwd_bwd(logits, t, w).sum()                   # logits := d loss / d logits
+        ce.index_copy_(0, index, fwd_bwd(logits, t, w))      # logits := d (w * ce) / d logits
         grad_hidden.index_copy_(0, index, logits @ weight)    # [C, D]
         if grad_weight.dtype == logits.dtype:
             grad_weight.addmm_(logits.t(), h)
@@ -239,42 +276,56 @@ def _fused_impl(hidden, weight, bias, targets, weights, chunk_size, backend, com
         if grad_bias is not None:
             grad_bias += logits.sum(0, dtype=acc)
         del logits, h  # free this chunk before the next one is allocated
+    loss = (ce * weights).sum()
     if not compute_grad:
         empty = hidden.new_empty(0)
-        return loss, empty, empty.clone(), empty.clone()
+        return loss, ce, empty, empty.clone(), empty.clone()
     grad_bias = grad_bias.to(hidden.dtype) if grad_bias is not None else hidden.new_empty(0)
-    return loss, grad_hidden, grad_weight.to(weight.dtype), grad_bias
+    return loss, ce, grad_hidden, grad_weight.to(weight.dtype), grad_bias
 
 
 def _fused_fake(hidden, weight, bias, targets, weights, chunk_size, backend, compute_grad):
-    loss = weights.new_empty(())
+    loss, ce = weights.new_empty(()), torch.empty_like(weights)
     if not compute_grad:
-        return loss, hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
-    return (loss, torch.empty_like(hidden), torch.empty_like(weight),
+        return loss, ce, hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
+    return (loss, ce, torch.empty_like(hidden), torch.empty_like(weight),
             torch.empty_like(bias) if bias is not None else hidden.new_empty(0))
 
 
 def _fused_setup_context(ctx, inputs, output):
-    _, grad_hidden, grad_weight, grad_bias = output
+    _, ce, grad_hidden, grad_weight, grad_bias = output
     ctx.has_bias = inputs[2] is not None
     ctx.compute_grad = inputs[7]
-    ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-    # The gradient outputs are never differentiated: without this, autograd would hand backward
+    ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, ce)
+    ctx.mark_non_differentiable(ce, grad_hidden, grad_weight, grad_bias)
+    # The other outputs are never differentiated: without this, autograd would hand backward
     # a zero tensor for each of them, a [V, D] allocation for nothing.
     ctx.set_materialize_grads(False)
 
 
 def _fused_backward(ctx, grad_loss, *_unused):
-    """The gradients computed in the forward, scaled by grad_loss. The products are new tensors
-    (scaling the saved ones in place would break retain_graph), so d weight is briefly held
-    twice: the backward's peak is one [V, D] above the forward's end."""
+    """The gradients computed in the forward, scaled by grad_loss, and the weights' gradient
+    grad_loss * ce (p_mask's, through w = 1 / p_mask). The products are new tensors (scaling
+    the saved ones in place would break retain_graph), so d weight is briefly held twice: the
+    backward's peak is one [V, D] above the forward's end."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{FUSED_OP}: double backward (create_graph=True) is not supported: its gradients "
+            "are computed in the forward pass and cannot be differentiated again. Use "
+            "masked_diffusion_loss on the materialised logits (hidden @ weight.T + bias), whose "
+            "every backend supports it, or backend='reference'.")
     if grad_loss is None:
         return (None,) * 8
-    if not ctx.compute_grad:
-        raise RuntimeError(f"{FUSED_OP}: called with compute_grad=False, so it kept no gradients")
-    grad_hidden, grad_weight, grad_bias = (g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
-    return (grad_hidden, grad_weight, grad_bias if ctx.has_bias else None,
-            None, None, None, None, None)
+    grad_hidden, grad_weight, grad_bias, ce = ctx.saved_tensors
+    if any(ctx.needs_input_grad[:3]) and not ctx.compute_grad:
+        raise RuntimeError(f"{FUSED_OP}: hidden, weight or bias needs a gradient, but the forward "
+                           "ran without computing gradients (under torch.no_grad, or with none "
+                           "of them requiring grad)")
+    scaled = [g * grad_loss.to(g.dtype) if need and ctx.compute_grad else None
+              for g, need in zip((grad_hidden, grad_weight, grad_bias), ctx.needs_input_grad[:3])]
+    grad_weights = ce * grad_loss.to(ce.dtype) if ctx.needs_input_grad[4] else None
+    return (scaled[0], scaled[1], scaled[2] if ctx.has_bias else None, None, grad_weights,
+            None, None, None)
 
 
 def register():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -53,18 +54,20 @@ def remask_step(
             "random"          u ~ U[0, 1);
             "margin"          top-1 minus top-2 probability (Dream);
             "entropy"         sum p log p, the negative entropy (Dream).
-        threshold: Fast-dLLM parallel decoding. Besides the top num_transfer[b], commit every
-            candidate whose fp32 confidence >= threshold. Fast-dLLM's rule is num_transfer=1
+        threshold: a real number (not NaN) or None. Fast-dLLM parallel decoding: besides the
+            top num_transfer[b], commit every candidate whose fp32 confidence >= threshold. Fast-dLLM's rule is num_transfer=1
             (always the best candidate, plus all above the threshold). SGLang's strict rule
             (confidence > tau) is threshold = the next fp32 above tau.
         uncond_logits: [B, L, V], same dtype as logits, for classifier-free guidance. The step
             reads un + (cfg_scale + 1) * (logits - un) in fp32, never materialising it.
-        cfg_scale: the guidance scale s.
+        cfg_scale: the guidance scale s, a real number finite in fp32.
         suppress_ids: ids never chosen: their logits count as -inf (LLaDA's logits_eos_inf).
         zero_confidence_ids: ids whose logits count as -inf in the confidence softmax, after
             x0 is chosen (LLaDA's confidence_eos_eot_inf: pass (EOS, EoT) at temperature 0;
             at temperature > 0 the reference removes only EoT).
         generator: torch.Generator on the logits' device, for temperature > 0 and "random".
+            Under torch.compile it must be None (compiled code cannot take a generator): the
+            draws then come from the global RNG, seeded by torch.manual_seed.
         backend: "reference", "cpu", "triton" or "cuda"; see llada_kernels._backend.
 
     Returns:
@@ -73,10 +76,38 @@ def remask_step(
 
     Ties: confidences are compared in fp32, and equal confidences commit the lower position
     first, on every backend. At temperature 0, a row whose argmax is tied takes the lowest id.
-    A row whose confidence logits are all -inf scores 0.
+
+    Non-finite logits, the same on every backend (README, "Non-finite and extreme inputs"):
+        x0          in torch.argmax's order over the fp32 logits after guidance, with
+                    suppress_ids at -inf: the first NaN id, else the first +inf id, at every
+                    temperature (noise never moves them); else the (Gumbel-)argmax of the
+                    finite logits, never a -inf id; a row of -inf takes the lowest id that is
+                    not suppressed.
+        confidence  the formulas above, in fp32; where they are undefined (a NaN or +inf
+                    confidence logit, or none finite) the confidence is 0, ranked with every
+                    other 0 by position: below any positive confidence, above every
+                    "entropy" score of a finite row (those are negative).
+        guidance    un + (s + 1) (cond - un) in fp32: an inf or NaN it makes is a logit
+                    like any other.
+
+    Raises:
+        TypeError, ValueError: naming the argument, before any backend runs: tensors' dtypes,
+        shapes and devices; mask_id an int in [0, V); num_transfer and block_end ints in
+        [0, 2^63) or [B] integer tensors; temperature (>= 0) and cfg_scale real and finite in
+        fp32; threshold real; the ids iterables of ints in [0, V); generator a torch.Generator.
     """
-    B, L, V = _check(logits, x, uncond_logits, remasking, temperature, mask_id, threshold)
+    B, L, V = _check(logits, x, uncond_logits, remasking)
     device = logits.device
+    mask_id = _checks.check_int(OP, "mask_id", mask_id, 0, V - 1)
+    temperature = _checks.check_real(OP, "temperature", temperature, lo=0.0, f32=True)
+    cfg_scale = _checks.check_real(OP, "cfg_scale", cfg_scale, f32=True)
+    if threshold is not None:
+        threshold = _checks.check_real(OP, "threshold", threshold, finite=False)
+    _checks.check_generator(OP, "generator", generator, device, "logits")
+    if generator is not None and torch.compiler.is_compiling():
+        _checks.fail(OP, "generator must be None under torch.compile, which cannot trace a "
+                         "torch.Generator: the draws then come from the global RNG "
+                         "(torch.manual_seed)")
     name = _backend.resolve(OP, backend, device)
     suppress = _checks.check_ids(OP, "suppress_ids", suppress_ids, V)
     zero_conf = _checks.check_ids(OP, "zero_confidence_ids", zero_confidence_ids, V)
@@ -89,8 +120,6 @@ def remask_step(
     k = _row_tensor("num_transfer", num_transfer, B, device, default=None)
     _checks.check_min(OP, "num_transfer", k, 0)
     end = _row_tensor("block_end", block_end, B, device, default=L)
-    if generator is not None and generator.device != device:
-        _checks.fail(OP, f"generator is on {generator.device} but logits is on {device}")
 
     if name == "reference":
         return reference.remask_step(
@@ -101,15 +130,15 @@ def remask_step(
 
     seed = None
     if temperature > 0 or remasking == "random":
-        # One draw from the caller's generator, on the logits' device: no host sync.
-        seed = torch.empty(1, dtype=torch.int64, device=device).random_(generator=generator)
+        # One draw from the caller's generator, on the logits' device: no host sync, and an
+        # out-of-place op that torch.compile traces (Tensor.random_ breaks the graph).
+        seed = torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64, device=device, generator=generator)
     op = torch.ops.llada.remask_step_triton if name == "triton" else torch.ops.llada.remask_step
     return op(_checks.unit_stride(logits), None if uncond_logits is None else _checks.unit_stride(uncond_logits),
-              float(cfg_scale), x, k, end, int(mask_id), float(temperature), remasking,
-              None if threshold is None else float(threshold), suppress, zero_conf, seed)
+              cfg_scale, x, k, end, mask_id, temperature, remasking, threshold, suppress, zero_conf, seed)
 
 
-def _check(logits, x, uncond_logits, remasking, temperature, mask_id, threshold):
+def _check(logits, x, uncond_logits, remasking):
     _checks.check_tensor(OP, "logits", logits, dtypes=_checks.FLOAT_DTYPES, ndim=3)
     B, L, V = logits.shape
     _checks.check_tensor(OP, "x", x, dtypes=(torch.int64,), ndim=2)
@@ -119,14 +148,10 @@ def _check(logits, x, uncond_logits, remasking, temperature, mask_id, threshold)
         _checks.check_tensor(OP, "uncond_logits", uncond_logits, dtypes=(logits.dtype,), ndim=3)
         _checks.check_shape(OP, "uncond_logits", uncond_logits, (B, L, V))
         _checks.check_device(OP, "uncond_logits", uncond_logits, logits.device, "logits")
-    if remasking not in REMASKING:
+    if not isinstance(remasking, str) or remasking not in REMASKING:
         _checks.fail(OP, f"remasking must be one of {REMASKING}; got {remasking!r}")
-    if not temperature >= 0:  # also rejects NaN
-        _checks.fail(OP, f"temperature must be >= 0; got {temperature}")
-    if threshold is not None and threshold != threshold:
-        _checks.fail(OP, f"threshold must be a number or None; got {threshold}")
-    if isinstance(mask_id, bool) or not isinstance(mask_id, int) or not 0 <= mask_id < V:
-        _checks.fail(OP, f"mask_id must be an int in [0, V={V}); got {mask_id!r}")
+    if V == 0:
+        _checks.fail(OP, "logits must have a vocabulary dimension V >= 1; got 0")
     if L >= 2**31:
         _checks.fail(OP, f"L must be < 2^31; got {L}")
     return B, L, V
@@ -145,10 +170,10 @@ def _row_tensor(name, value, B, device, default):
         _checks.check_shape(OP, name, value, (B,))
         _checks.check_device(OP, name, value, device, "logits")
         return value.to(torch.int64).contiguous()
-    if isinstance(value, bool) or not isinstance(value, int):
-        _checks.fail(OP, f"{name} must be an int or a [B] int64 tensor; got {type(value).__name__}", TypeError)
-    if value < 0:
-        _checks.fail(OP, f"{name} must be >= 0; got {value}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        _checks.fail(OP, f"{name} must be an int or a [B] int64 tensor; got {type(value).__name__} "
+                         f"{value!r}", TypeError)
+    value = _checks.check_int(OP, name, value, 0, 2**63 - 1)
     return torch.full((B,), value, dtype=torch.int64, device=device)
 
 

@@ -38,7 +38,9 @@ def gumbel_argmax(l, temperature, generator=None):
     """argmax over the last dim of l + T * Gumbel, with float64 noise as LLaDA draws it.
 
     LLaDA: argmax(exp(l) / (-log u)^T), u ~ U[0, 1) in float64. Taking logs gives the same
-    argmax, l - T * log(-log u), without overflowing exp.
+    argmax, l - T * log(-log u), without overflowing exp. torch.argmax ranks NaN above every
+    number, so a NaN logit wins whatever the noise, then a +inf one (finite noise keeps +inf at
+    +inf and a finite logit finite in float64); a -inf logit never wins over a finite one.
     """
     if temperature == 0:
         return l.argmax(-1)
@@ -46,12 +48,29 @@ def gumbel_argmax(l, temperature, generator=None):
     return (l.double() - temperature * torch.log(-torch.log(u))).argmax(-1)
 
 
+def first_allowed_id(suppress_ids=()):
+    """The lowest id not in suppress_ids: x0 of a row whose choice logits are all -inf."""
+    banned, i = set(suppress_ids), 0
+    while i in banned:
+        i += 1
+    return i
+
+
+def choose(l, temperature, suppress_ids=(), generator=None):
+    """x0 [B, L] from the choice logits l [B, L, V] (suppress_ids already at -inf): the
+    (Gumbel-)argmax, ties to the lowest id, NaN above +inf above every finite number; a row
+    whose logits are all -inf takes the lowest id that is not suppressed."""
+    x0 = gumbel_argmax(l, temperature, generator)
+    return torch.where((l == NEG_INF).all(-1), first_allowed_id(suppress_ids), x0)
+
+
 def confidence(l, x0, remasking, zero_confidence_ids=(), generator=None):
     """fp32 confidence of each position [B, L] (higher is committed first).
 
     low_confidence: softmax(l')[x0];  margin: top1 - top2 of softmax(l');
     entropy: sum p log p of softmax(l') (negative entropy);  random: u ~ U[0, 1) in fp32.
-    l' is l with zero_confidence_ids at -inf. A row with no finite l' scores 0.
+    l' is l with zero_confidence_ids at -inf. Where the softmax is undefined (a NaN or +inf in
+    l', or no finite l') the formulas give NaN, which scores 0 (nan_to_num).
     """
     B, L, V = l.shape
     if remasking == "random":
@@ -94,7 +113,7 @@ def remask_step(logits, x, num_transfer, *, mask_id=126336, block_end=None, temp
     int64 tensors here (the public op expands ints). Returns (x_new, transfer)."""
     B, L, _ = logits.shape
     l = _fill_ids(combined_logits(logits, uncond_logits, cfg_scale), suppress_ids)
-    x0 = gumbel_argmax(l, temperature, generator)
+    x0 = choose(l, temperature, suppress_ids, generator)
     conf = confidence(l, x0, remasking, list(suppress_ids) + list(zero_confidence_ids), generator)
     positions = torch.arange(L, device=x.device)
     candidates = (x == mask_id) & (positions < block_end.unsqueeze(-1))

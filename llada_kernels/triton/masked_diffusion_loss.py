@@ -1,11 +1,15 @@
 """Triton kernels of the masked diffusion loss (schemas: csrc/ops.cpp, *_triton twins).
 
 Row r holds logits x[0..V) of one (batch, position), its target t and weight w = 1 / p_mask
-(0 where the position is not masked: the row is skipped, its gradient is zero):
+(0 where the position is not masked: the row is skipped, its ce and gradient are zero). Its
+stats are m = max_j x_j and ls = log sum_j exp(x_j - m), kept apart (at large logits m + ls
+rounds to m):
 
-    lse_r  = log sum_j exp(x_j)
-    loss_r = w * (lse_r - x_t)
-    dx_j   = g_r * w * (exp(x_j - lse_r) - [j == t])
+    ce_r   = ls + (m - x_t)
+    dx_j   = g_r * (exp((x_j - m) - ls) - [j == t])      (g_r: the gradient of ce_r)
+
+A row whose max is not finite (a NaN or +inf logit, or every logit -inf) gets stats
+(NaN, NaN): its ce and gradient are NaN (README, "Non-finite and extreme inputs").
 
 Forward: one program per row, one pass over the row with an online log-sum-exp. Each block of
 BLOCK_V logits updates the running max m and the running sum s of exp(x - m):
@@ -14,7 +18,7 @@ BLOCK_V logits updates the running max m and the running sum s of exp(x - m):
 
 Backward: a grid of (row, block of V) programs, each reading BLOCK_V logits and writing their
 gradient. The in-place form (fused-linear chunks) runs both in one program per row: a pass for
-the log-sum-exp, a second that overwrites the row with its gradient, with no second buffer.
+the stats, a second that overwrites the row with the gradient of w * ce, with no second buffer.
 
 All arithmetic is in the weights' dtype (fp32, or fp64 for fp64 logits); row offsets are int64.
 A target outside [0, V) (unchecked only with LLADA_CHECK_VALUES=0) gives a NaN loss, never an
@@ -34,8 +38,8 @@ NUM_WARPS = 8
 
 
 @triton.jit
-def _row_logsumexp(row_ptr, v_end, BLOCK_V: tl.constexpr, ACC: tl.constexpr):
-    """Online log-sum-exp of x[0, v_end); -inf when they are all -inf or v_end = 0."""
+def _row_stats(row_ptr, v_end, BLOCK_V: tl.constexpr, ACC: tl.constexpr):
+    """(m, ls) of x[0, v_end), online; (NaN, NaN) when the max is not finite or v_end = 0."""
     m = tl.full([], float("-inf"), ACC)
     s = tl.zeros([], ACC)
     for start in range(0, v_end, BLOCK_V):
@@ -46,7 +50,10 @@ def _row_logsumexp(row_ptr, v_end, BLOCK_V: tl.constexpr, ACC: tl.constexpr):
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
         m = m_new
-    return m + tl.log(s)
+    # A NaN logit makes s NaN even where tl.max drops NaN; +inf makes m +inf (and s NaN).
+    ok = (tl.abs(m) < float("inf")) & (s == s)
+    nan = float("nan")
+    return tl.where(ok, m, nan), tl.where(ok, tl.log(tl.where(ok, s, 1.0)), nan)
 
 
 @triton.jit
@@ -58,43 +65,44 @@ def _target_logit(row_ptr, t, v_end, ACC: tl.constexpr):
 
 @triton.jit
 def masked_diffusion_loss_fwd_kernel(
-    logits_ptr, targets_ptr, weights_ptr, losses_ptr, lse_ptr, V, stride_row,
+    logits_ptr, targets_ptr, weights_ptr, ce_ptr, stats_ptr, V, stride_row,
     BLOCK_V: tl.constexpr,
 ):
     ACC: tl.constexpr = weights_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
-    w = tl.load(weights_ptr + row)
-    active = w != 0
+    active = tl.load(weights_ptr + row) != 0
     v_end = tl.where(active, V, 0)  # an inactive row loads nothing
     row_ptr = logits_ptr + row * stride_row
-    lse = _row_logsumexp(row_ptr, v_end, BLOCK_V, ACC)
+    m, ls = _row_stats(row_ptr, v_end, BLOCK_V, ACC)
     xt = _target_logit(row_ptr, tl.load(targets_ptr + row), v_end, ACC)
-    tl.store(losses_ptr + row, tl.where(active, w * (lse - xt), 0.0))
-    tl.store(lse_ptr + row, tl.where(active, lse, 0.0))
+    tl.store(ce_ptr + row, tl.where(active, ls + (m - xt), 0.0))
+    tl.store(stats_ptr + 2 * row, tl.where(active, m, 0.0))
+    tl.store(stats_ptr + 2 * row + 1, tl.where(active, ls, 0.0))
 
 
 @triton.jit
 def masked_diffusion_loss_bwd_kernel(
-    grad_losses_ptr, logits_ptr, targets_ptr, weights_ptr, lse_ptr, grad_ptr, V, stride_row,
+    grad_ce_ptr, logits_ptr, targets_ptr, weights_ptr, stats_ptr, grad_ptr, V, stride_row,
     BLOCK_V: tl.constexpr,
 ):
     ACC: tl.constexpr = weights_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    w = tl.load(weights_ptr + row)
-    active = w != 0
-    scale = tl.load(grad_losses_ptr + row) * w
-    lse = tl.load(lse_ptr + row)
+    active = tl.load(weights_ptr + row) != 0
+    scale = tl.load(grad_ce_ptr + row)
+    m = tl.load(stats_ptr + 2 * row)
+    ls = tl.load(stats_ptr + 2 * row + 1)
     t = tl.load(targets_ptr + row)
-    x = tl.load(logits_ptr + row * stride_row + cols, mask=cols < tl.where(active, V, 0), other=0.0).to(ACC)
-    dx = (tl.exp(x - lse) - tl.where(cols == t, 1.0, 0.0)) * scale
+    x = tl.load(logits_ptr + row * stride_row + cols, mask=cols < tl.where(active, V, 0),
+                other=float("-inf")).to(ACC)
+    dx = (tl.exp((x - m) - ls) - tl.where(cols == t, 1.0, 0.0)) * scale
     tl.store(grad_ptr + row * V + cols, tl.where(active, dx, 0.0).to(grad_ptr.dtype.element_ty),
              mask=cols < V)
 
 
 @triton.jit
 def masked_diffusion_loss_fwd_bwd_kernel(
-    logits_ptr, targets_ptr, weights_ptr, losses_ptr, V, stride_row,
+    logits_ptr, targets_ptr, weights_ptr, ce_ptr, V, stride_row,
     BLOCK_V: tl.constexpr,
 ):
     ACC: tl.constexpr = weights_ptr.dtype.element_ty
@@ -104,14 +112,14 @@ def masked_diffusion_loss_fwd_bwd_kernel(
     v_end = tl.where(active, V, 0)
     t = tl.load(targets_ptr + row)
     row_ptr = logits_ptr + row * stride_row
-    lse = _row_logsumexp(row_ptr, v_end, BLOCK_V, ACC)
+    m, ls = _row_stats(row_ptr, v_end, BLOCK_V, ACC)
     xt = _target_logit(row_ptr, t, v_end, ACC)
-    tl.store(losses_ptr + row, tl.where(active, w * (lse - xt), 0.0))
-    # Second pass: overwrite the row with d loss_r / d x (zero for an inactive row).
+    tl.store(ce_ptr + row, tl.where(active, ls + (m - xt), 0.0))
+    # Second pass: overwrite the row with d (w * ce_r) / d x (zero for an inactive row).
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(row_ptr + cols, mask=cols < v_end, other=0.0).to(ACC)
-        dx = (tl.exp(x - lse) - tl.where(cols == t, 1.0, 0.0)) * w
+        x = tl.load(row_ptr + cols, mask=cols < v_end, other=float("-inf")).to(ACC)
+        dx = (tl.exp((x - m) - ls) - tl.where(cols == t, 1.0, 0.0)) * w
         tl.store(row_ptr + cols, tl.where(active, dx, 0.0).to(logits_ptr.dtype.element_ty), mask=cols < V)
 
 
@@ -124,35 +132,36 @@ def _device(t: torch.Tensor):
 
 def _fwd(logits, targets, weights):
     N, V = logits.shape
-    losses, lse = torch.empty_like(weights), torch.empty_like(weights)
+    ce = torch.empty_like(weights)
+    stats = torch.empty((N, 2), dtype=weights.dtype, device=weights.device)
     if N:
         with _device(logits):
             masked_diffusion_loss_fwd_kernel[(N,)](
-                logits, targets, weights, losses, lse, V, logits.stride(0),
+                logits, targets, weights, ce, stats, V, logits.stride(0),
                 BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
-    return losses, lse
+    return ce, stats
 
 
-def _bwd(grad_losses, logits, targets, weights, lse):
+def _bwd(grad_ce, logits, targets, weights, stats):
     N, V = logits.shape
     grad = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
     if N and V:
         with _device(logits):
             masked_diffusion_loss_bwd_kernel[(N, triton.cdiv(V, BLOCK_V))](
-                grad_losses, logits, targets, weights, lse, grad, V, logits.stride(0),
+                grad_ce, logits, targets, weights, stats, grad, V, logits.stride(0),
                 BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
     return grad
 
 
 def _fwd_bwd(logits, targets, weights):
     N, V = logits.shape
-    losses = torch.empty_like(weights)
+    ce = torch.empty_like(weights)
     if N:
         with _device(logits):
             masked_diffusion_loss_fwd_bwd_kernel[(N,)](
-                logits, targets, weights, losses, V, logits.stride(0),
+                logits, targets, weights, ce, V, logits.stride(0),
                 BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
-    return losses
+    return ce
 
 
 for _name, _fn in (("masked_diffusion_loss_triton", _fwd),
@@ -175,13 +184,13 @@ def _aot_specs():
         common = {"targets_ptr": "*i64", "weights_ptr": w, "V": "i32", "stride_row": "i32"}
         specs += [
             AotSpec(f"masked_diffusion_loss_fwd_{ty}", masked_diffusion_loss_fwd_kernel,
-                    {"logits_ptr": x, **common, "losses_ptr": w, "lse_ptr": w},
+                    {"logits_ptr": x, **common, "ce_ptr": w, "stats_ptr": w},
                     {"BLOCK_V": BLOCK_V}, NUM_WARPS, 3),
             AotSpec(f"masked_diffusion_loss_bwd_{ty}", masked_diffusion_loss_bwd_kernel,
-                    {"grad_losses_ptr": w, "logits_ptr": x, **common, "lse_ptr": w, "grad_ptr": x},
+                    {"grad_ce_ptr": w, "logits_ptr": x, **common, "stats_ptr": w, "grad_ptr": x},
                     {"BLOCK_V": BLOCK_V}, NUM_WARPS, 3),
             AotSpec(f"masked_diffusion_loss_fwd_bwd_{ty}", masked_diffusion_loss_fwd_bwd_kernel,
-                    {"logits_ptr": x, **common, "losses_ptr": w},
+                    {"logits_ptr": x, **common, "ce_ptr": w},
                     {"BLOCK_V": BLOCK_V}, NUM_WARPS, 3),
         ]
     return specs

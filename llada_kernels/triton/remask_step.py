@@ -8,7 +8,9 @@ Kernel 1, _score_kernel: one program per position r = b * L + l.
     A non-candidate (x[b, l] != mask_id, or l >= block_end[b]) stores key = -1 and reads no
     logits. A candidate reads its logits row once, in BLOCK_V tiles, and keeps online:
         z      = cfg(logits) with suppress_ids at -inf        (un + w (cond - un), w = s + 1)
-        x0     = argmax_v z_v + T g_v (g Gumbel; T = 0: no noise), ties -> lowest id
+        x0     = the first NaN z_v, else the first +inf z_v (tracked apart: noise cannot
+                 move them), else argmax_v min(z_v + T g_v, FLT_MAX) over the finite z_v
+                 (g Gumbel; T = 0: no noise), ties -> lowest id; all -inf: first_allowed
         c      = z with zero_confidence_ids at -inf           (the confidence logits)
         m      = max_v c_v,  s = sum_v e^(c_v - m)             (rescaled when m grows)
         margin:  m2 = the second largest c_v (m itself when the max is repeated)
@@ -19,7 +21,8 @@ Kernel 1, _score_kernel: one program per position r = b * L + l.
         margin          p1 - p2 = (1 - e^(m2 - m)) / s
         entropy         sum p log p = t / s - log s
         random          u from Philox (random.h)
-        0 where every c_v is -inf (the reference's nan_to_num).
+        0 where the formula gives NaN: every c_v -inf, or a NaN or +inf c_v (then s is NaN),
+        as the reference's nan_to_num.
     It stores x0 and key = (ordered(conf) << 31) | (2^31 - 1 - l), unique per row.
 
 Kernel 2, _select_kernel: one program per row b, any L (BLOCK_L tiles).
@@ -40,6 +43,7 @@ import triton
 import triton.language as tl
 
 from .._backend import interpreting
+from ..reference.remask import first_allowed_id
 from ._aot import AotSpec
 from ._random import gumbel_tile, precise_log, remask_uniform
 
@@ -100,7 +104,7 @@ def remask_step_triton(logits, uncond_logits, cfg_scale, x, num_transfer, block_
             L, V, logits.stride(0), logits.stride(1), un.stride(0), un.stride(1),
             x.stride(0), x.stride(1),
             mask_id, float(cfg_scale) + 1.0, float(temperature), REMASKING[remasking],
-            special.numel(), n_suppress,
+            special.numel(), n_suppress, first_allowed_id(suppress_ids),
             HAS_CFG=uncond_logits is not None, SAMPLE=sample, BLOCK_V=block_v,
             num_warps=score_warps)
         _select_kernel[(B,)](
@@ -154,6 +158,7 @@ def _score_kernel(
     temperature: tl.float32,
     remasking: tl.int32,  # REMASKING
     n_special: tl.int32, n_suppress: tl.int32,
+    first_allowed: tl.int64,  # the lowest id not suppressed: x0 of a row of -inf
     HAS_CFG: tl.constexpr, SAMPLE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)  # the position b * L + l, also the noise stream
@@ -168,8 +173,11 @@ def _score_kernel(
         urow = uncond_ptr + b * stride_ub + l * stride_ul
         offs = tl.arange(0, BLOCK_V)
         NEG_INF = float("-inf")
-        best = tl.full((), NEG_INF, tl.float32)  # max of the choice logits z + T g
+        INF = float("inf")
+        FLT_MAX = 3.4028234663852886e38
+        best = tl.full((), NEG_INF, tl.float32)  # max of the finite choice logits z + T g
         x0 = tl.full((), 0, tl.int64)
+        first_code = 2 * V  # min over ids of: id (z NaN), V + id (z = +inf), 2V (otherwise)
         c_x0 = tl.full((), NEG_INF, tl.float32)  # x0's confidence logit
         m = tl.full((), NEG_INF, tl.float32)
         m2 = tl.full((), NEG_INF, tl.float32)
@@ -191,11 +199,15 @@ def _score_kernel(
             z = tl.where(suppressed, NEG_INF, z)
             c = tl.where(zeroed, NEG_INF, z)
 
-            # x0: running argmax of the choice logits; a later tile must be strictly better.
+            # x0: the first NaN, then the first +inf, apart; then a running argmax of the
+            # finite choice logits (a later tile must be strictly better).
+            code = tl.where(z != z, ids, tl.where(z == INF, V + ids, 2 * V))
+            first_code = tl.minimum(first_code, tl.min(code, axis=0))
+            finite_z = tl.where(tl.abs(z) < INF, z, NEG_INF)
             if SAMPLE:
-                choice = z + temperature * gumbel_tile(seed, r, v0, BLOCK_V)
+                choice = tl.minimum(finite_z + temperature * gumbel_tile(seed, r, v0, BLOCK_V), FLT_MAX)
             else:
-                choice = z
+                choice = finite_z
             tile_best, tile_arg = tl.max(choice, axis=0, return_indices=True,
                                          return_indices_tie_break_left=True)
             tile_c = tl.max(tl.where(offs == tile_arg, c, NEG_INF), axis=0)
@@ -212,8 +224,10 @@ def _score_kernel(
                 alpha = tl.exp(m - m_ref)
                 e = tl.exp(c - m_ref)
                 if remasking == _ENTROPY:
-                    shift = tl.where(m == NEG_INF, 0.0, m - m_ref)
-                    d = tl.where(c == NEG_INF, 0.0, c - m_ref)  # p log p -> 0 as p -> 0
+                    # p log p -> 0 as p -> 0: a term whose e (or alpha) vanishes adds 0, also
+                    # where its exponent c - m_ref (or m - m_ref) overflowed to -inf.
+                    shift = tl.where(alpha > 0, m - m_ref, 0.0)
+                    d = tl.where(e > 0, c - m_ref, 0.0)
                     t = alpha * (t + shift * s) + tl.sum(e * d, axis=0)
                 if remasking == _MARGIN:
                     n_top = tl.sum((c == tile_m).to(tl.int32), axis=0)
@@ -222,7 +236,14 @@ def _score_kernel(
                 s = alpha * s + tl.sum(e, axis=0)
                 m = m_new
 
-        # Score x0. Every formula is finite when some c_v is finite (s >= 1); else conf = 0.
+        # x0 by the contract: NaN, then +inf, then the finite argmax, then first_allowed. A
+        # non-finite x0 scores 0 (s is NaN, or x0's confidence logit is -inf).
+        x0 = tl.where(first_code < V, first_code,
+                      tl.where(first_code < 2 * V, first_code - V,
+                               tl.where(best > NEG_INF, x0, first_allowed)))
+        c_x0 = tl.where(first_code < 2 * V, NEG_INF, c_x0)
+        # Score x0. Every formula is finite when the c_v are finite or -inf and some c_v is
+        # finite (s >= 1); else it is NaN (a NaN or +inf c_v makes s NaN) and conf = 0.
         finite = m > NEG_INF
         m_ref = tl.where(finite, m, 0.0)
         s_ref = tl.where(finite, s, 1.0)
@@ -231,7 +252,7 @@ def _score_kernel(
         neg_entropy = t / s_ref - precise_log(s_ref)
         conf = tl.where(remasking == _LOW_CONFIDENCE, p_x0,
                         tl.where(remasking == _MARGIN, margin, neg_entropy))
-        conf = tl.where(finite, conf, 0.0)
+        conf = tl.where(finite & (conf == conf), conf, 0.0)
         if remasking == _RANDOM:
             conf = remask_uniform(seed, r)
         key = selection_key(conf + 0.0, l)  # + 0.0: -0 -> +0, equal confidences tie by position
@@ -315,7 +336,7 @@ def _score_spec(dtype, has_cfg, sample):
         special_ids_ptr="*i64", seed_ptr="*i64", x0_ptr="*i64", key_ptr="*i64",
         L=i64, V=i64, stride_lb=i64, stride_ll=i64, stride_ub=i64, stride_ul=i64,
         stride_xb=i64, stride_xl=i64, mask_id=i64, cfg_weight="fp32", temperature="fp32",
-        remasking="i32", n_special="i32", n_suppress="i32")
+        remasking="i32", n_special="i32", n_suppress="i32", first_allowed="i64")
     aligned = tuple(p for p in signature if p.endswith("_ptr")) + (
         "V", "stride_lb", "stride_ll", "stride_ub", "stride_ul")  # V = 126464 = 16 * 7904
     name = f"remask_score_{dtype}{'_cfg' if has_cfg else ''}_{'sample' if sample else 'argmax'}"
