@@ -8,7 +8,8 @@ llada_kernels refuses, with an ImportError that names both versions, a torch who
 (major.minor.patch) differs, or, when _C holds CUDA kernels, whose CUDA version differs.
 LLADA_ALLOW_TORCH_MISMATCH=1 turns the refusal into a warning (at your own risk).
 
-A build without _build_info.py (CMake, or a build from before this check) is not checked.
+A build without _build_info.py (CMake, or a build from before this check), or a checkout
+without _C, is not checked.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ def mismatch(built_torch: str, built_cuda: str | None, torch_version: str,
 def check_torch() -> str | None:
     """Refuse (ImportError) a running torch that _C was not built for; None when it matches
     or when the build recorded nothing. With LLADA_ALLOW_TORCH_MISMATCH=1: warn, return why."""
+    import importlib.util
+
+    if importlib.util.find_spec(f"{__package__}._C") is None:  # not built (or cleaned): no check
+        return None
     try:
         from . import _build_info
     except ImportError:
