@@ -16,6 +16,7 @@ CUDA build). Whether this machine has a GPU plays no part.
 
 import os
 import re
+import runpy
 import shutil
 import subprocess
 from pathlib import Path
@@ -24,6 +25,8 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+# The supported range of torch and Triton (llada_kernels/_versions.py, also checked at import).
+VERSIONS = runpy.run_path(str(ROOT / "llada_kernels" / "_versions.py"))
 
 
 def _sources():
@@ -66,6 +69,10 @@ def _extension():
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
+    if VERSIONS["parse"](torch.__version__) < VERSIONS["parse"](VERSIONS["MIN_TORCH"]):
+        raise SystemExit(f"llada_kernels builds against torch >= {VERSIONS['MIN_TORCH']}; "
+                         f"this interpreter has torch {torch.__version__}")
+
     with_cuda = cuda_home is not None and torch.version.cuda is not None
     sources = [s for s in _sources() if with_cuda or not s.endswith(".cu")]
     cxx = ["-O3", "-std=c++20", "-DLLADA_BUILD_PYTHON_MODULE", "-fopenmp"]
@@ -92,7 +99,7 @@ def _extension():
 
 def _recording(base, with_cuda):
     """build_ext that also writes llada_kernels/_build_info.py beside _C: the torch (and CUDA)
-    it was compiled against, which llada_kernels/_build.py checks at import."""
+    it was compiled against, which llada_kernels/_versions.py checks at import."""
     class BuildExt(base):
         def run(self):
             super().run()
@@ -102,7 +109,7 @@ def _recording(base, with_cuda):
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(
                 '"""Written by setup.py\'s build_ext: the torch llada_kernels._C was compiled '
-                'against (checked by _build.py at import)."""\n\n'
+                'against (checked by _versions.py at import)."""\n\n'
                 f"TORCH_VERSION = {torch.__version__!r}\n"
                 f"TORCH_CUDA = {(torch.version.cuda if with_cuda else None)!r}  # None: no CUDA kernels\n")
     return BuildExt
@@ -145,8 +152,8 @@ setup(
     cmdclass={"build_ext": build_ext},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "numpy", "safetensors>=0.4.3"],
-    extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark"],
-                    "cli": ["tokenizers", "tqdm"]},
+    install_requires=[f"torch>={VERSIONS['MIN_TORCH']}", "numpy", "safetensors>=0.4.3"],
+    extras_require={"triton": [f"triton>={VERSIONS['MIN_TRITON']}"],
+                    "test": ["pytest", "pytest-benchmark"], "cli": ["tokenizers", "tqdm"]},
     entry_points={"console_scripts": ["llada-kernels = llada_kernels.cli:main"]},
 )

@@ -4,14 +4,16 @@ Importing the package loads the compiled operators (torch.ops.llada.*) and regis
 Triton kernels and the fake (meta) implementations beside them.
 """
 
-from . import _backend, _build
+from . import _backend, _versions
 
-_build.check_torch()  # ImportError when _C was compiled against another torch (_build.py)
+# The one version check (_versions.py): ImportError for a torch that _C was not compiled
+# against; a warning for a torch or Triton below the supported range.
+_versions.check_installed()
 
 try:
     from . import _C  # noqa: F401  (loads the TORCH_LIBRARY(llada) registrations)
-except ImportError as e:  # a source checkout that was never built
-    _backend._C_ERROR = str(e)
+except ImportError as e:  # a source checkout that was never built, or built for another torch
+    _backend._C_ERROR = _versions.explain_load_error(str(e))
 
 from .ops.remask import remask_step  # noqa: E402
 from .ops.loss import fused_linear_masked_diffusion_loss, masked_diffusion_loss  # noqa: E402

@@ -1,14 +1,18 @@
-"""Importing llada_kernels refuses a torch that _C was not compiled against (issue 12 item 7)."""
+"""Importing llada_kernels refuses a torch that _C was not compiled against (issue 12 item 7):
+the torch rule of the one import-time version check (llada_kernels/_versions.py; its range
+rule is tests/test_versions.py's)."""
 
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import warnings
+
 import pytest
 import torch
 
-from llada_kernels import _backend, _build
+from llada_kernels import _backend, _versions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,11 +27,33 @@ ROOT = Path(__file__).resolve().parents[1]
     ("2.14.1+cu130", "13.0", "2.14.1+cpu", None, "is built with no CUDA"),
 ])
 def test_mismatch_rules(built, built_cuda, running, running_cuda, expected):
-    why = _build.mismatch(built, built_cuda, running, running_cuda)
+    why = _versions.mismatch(built, built_cuda, running, running_cuda)
     if expected is None:
         assert why is None
     else:
         assert expected in why and "Rebuild it against this torch" in why
+
+
+def test_one_rule_for_torch(monkeypatch):
+    """A recorded build decides for torch (exact release); without one, the supported range
+    does: never both messages for one torch."""
+    monkeypatch.setattr(_versions, "installed_triton", lambda: _versions.TESTED["triton"][1])
+    monkeypatch.setattr(torch, "__version__", "2.10.0")
+    monkeypatch.setattr(_versions, "built_against", lambda: ("2.10.0", None))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _versions.check_installed() == []
+    monkeypatch.setattr(_versions, "built_against", lambda: ("2.14.1", None))
+    with pytest.raises(ImportError, match=r"compiled against torch 2\.14\.1, but this is torch 2\.10\.0"):
+        _versions.check_installed()
+    monkeypatch.setenv(_versions.ALLOW_ENV, "1")
+    with pytest.warns(_versions.TorchMismatchWarning) as record:
+        problems = _versions.check_installed()
+    assert len(problems) == 1 and len(record) == 1
+    monkeypatch.setattr(_versions, "built_against", lambda: None)  # nothing built: the range
+    with pytest.warns(_versions.UnsupportedVersionWarning, match="supports torch >= ") as record:
+        assert len(_versions.check_installed()) == 1
+    assert len(record) == 1
 
 
 def _import_with_build_info(version, cuda=None, env=None):
