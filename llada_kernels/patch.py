@@ -23,7 +23,7 @@ class PatchFallbackWarning(UserWarning):
 
 
 def patch_llada(model, *, backend=None):
-    """Run a released LLaDA model's attention on `bidirectional_attention`. In place; returns
+    """Run a released LLaDA model's attention on `llada_kernels.attention`. In place; returns
     the model.
 
     Every block of a model built by LLaDA's `modeling_llada.py` computes attention in
@@ -73,7 +73,7 @@ def patch_llada(model, *, backend=None):
 
 
 def patch_stats(model) -> dict[str, int]:
-    """{"op": calls run on bidirectional_attention, "original": calls handed to the original
+    """{"op": calls run on llada_kernels.attention, "original": calls handed to the original
     attention} since the model was patched."""
     state = getattr(model, "_llada_patch", None)
     if state is None:
@@ -146,7 +146,7 @@ def _patched_sdpa(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False)
         return self._llada_original_sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                          is_causal=is_causal)
     state.calls["op"] += 1
-    return ops.attention.bidirectional_attention(q, k, v, key_mask, backend=state.backend)
+    return ops.attention.attention(q, k, v, key_padding_mask=key_mask, backend=state.backend)
 
 
 def _warn_once(state, key, why):

@@ -24,8 +24,11 @@ def test_public_names_list_the_cpu_backends(op):
 @needs_c
 def test_public_name_equals_its_kernel_name():
     for device in ("cpu", "cuda"):
+        assert lk.available_backends("attention", device) == \
+            lk.available_backends("attention_fwd", device)
+        # the deprecated name of the same op
         assert lk.available_backends("bidirectional_attention", device) == \
-            lk.available_backends("bidirectional_attention_fwd", device)
+            lk.available_backends("attention", device)
 
 
 @needs_c
@@ -41,7 +44,7 @@ def test_no_gpu_no_cuda_backends(op):
 @needs_c
 def test_unknown_op_is_named():
     with pytest.raises(ValueError, match=r"'attn' is not an op of llada_kernels; expected one of "
-                                         r".*bidirectional_attention.*remask_step"):
+                                         r"attention, .*remask_step"):
         lk.available_backends("attn", "cpu")
     with pytest.raises(TypeError, match="op must be a str"):
         lk.available_backends(None, "cpu")
