@@ -8,7 +8,7 @@ import llada_kernels as lk
 from llada_kernels import _backend
 
 PUBLIC = ["remask_step", "masked_diffusion_loss", "fused_linear_masked_diffusion_loss",
-          "bidirectional_attention"]
+          "attention", "bidirectional_attention"]
 
 needs_c = pytest.mark.skipif(_backend._C_ERROR is not None, reason="llada_kernels._C not built")
 
