@@ -141,12 +141,56 @@ def _extension():
     print(f"llada_kernels: building {'CPU + CUDA' if with_cuda else 'CPU only'} kernels"
           + (f" for {os.environ['TORCH_CUDA_ARCH_LIST']} (CUDA_HOME={cuda_home})" if with_cuda else "")
           + f"; CPU kernels for {', '.join(_capabilities())}")
-    return ext, _build_ext_class(BuildExtension).with_options(use_ninja=True)
+    return ext, _recording(_build_ext_class(BuildExtension).with_options(use_ninja=True), with_cuda)
+
+
+def _recording(base, with_cuda):
+    """build_ext that also writes llada_kernels/_build_info.py beside _C: the torch (and CUDA)
+    it was compiled against, which llada_kernels/_versions.py checks at import."""
+    class BuildExt(base):
+        def run(self):
+            super().run()
+            import torch
+
+            target = Path(self.get_ext_fullpath("llada_kernels._C")).parent / "_build_info.py"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(
+                '"""Written by setup.py\'s build_ext: the torch llada_kernels._C was compiled '
+                'against (checked by _versions.py at import)."""\n\n'
+                f"TORCH_VERSION = {torch.__version__!r}\n"
+                f"TORCH_CUDA = {(torch.version.cuda if with_cuda else None)!r}  # None: no CUDA kernels\n")
+    return BuildExt
 
 
 ext, build_ext = _extension()
 
+# Package metadata beyond the build: the README as the long description, the license, and
+# classifiers (the supported torch range is install_requires').
+METADATA = dict(
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Intended Audience :: Developers",
+        "Intended Audience :: Science/Research",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: C++",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Programming Language :: Python :: 3.13",
+        "Environment :: GPU :: NVIDIA CUDA",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+    keywords=["llada", "diffusion language model", "masked diffusion", "pytorch", "triton", "cuda"],
+)
+
 setup(
+    **METADATA,
     name="llada_kernels",
     version="0.1.0",
     description="Fused kernels for masked diffusion language models (LLaDA)",

@@ -5,11 +5,18 @@ imports (none is a dependency of this project):
                 flex         FlexAttention (torch.nn.attention.flex_attention, compiled), the
                              key padding as a BlockMask
                 flash_attn   flash-attn 2's flash_attn_func (takes no padding mask)
-    fused loss  liger        Liger Kernel's fused linear cross-entropy
-                cut_cross_entropy   Apple's Cut Cross-Entropy (linear_cross_entropy)
+    fused loss  liger        Liger Kernel's fused linear cross-entropy (CUDA: Triton kernels),
+                             liger_fused_linear_cross_entropy(h, W, t, reduction="none")
+                cce          Apple's Cut Cross-Entropy, its Triton kernels (CUDA):
+                             linear_cross_entropy(h, W, t, reduction="none", impl="cce")
+                cce_torch_compile   Cut Cross-Entropy's torch.compile implementation (CPU and
+                             CUDA): impl="torch_compile"; its first call compiles (the warm-up)
 
-The fused-loss peers compute per-token cross-entropy of the masked rows (reduction "none"),
-which is then divided by p_mask and summed: the same value as our loss, the same work.
+Neither fused-loss peer takes LLaDA's per-token weight 1 / p_mask, so each runs on the masked
+rows only (hidden[masked] [N, D], targets[masked] [N], the gather included in its time, as our
+fused op gathers them too), returns the per-token cross-entropy (reduction "none"), and the
+weighting is applied outside: (ce / p_mask[masked]).sum(), the same value as our loss, then
+backward. Both are in requirements.txt; a peer that does not import is left out.
 """
 
 from __future__ import annotations
@@ -85,33 +92,37 @@ def attention_peers() -> list[str]:
     return out
 
 
-# ---- the fused linear loss: fn(hidden [N, D], weight [V, D], targets [N], p [N]) -> loss ----
+# ---- the fused linear loss: fn(hidden [N, D], weight [V, D], targets [N]) -> ce [N] ---------
 
-def _liger(hidden, weight, targets, p):
+def _liger(hidden, weight, targets):
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-    ce = liger_fused_linear_cross_entropy(hidden, weight, targets, reduction="none")
-    return (ce / p).sum()
+    return liger_fused_linear_cross_entropy(hidden, weight, targets, reduction="none")
 
 
-def _cut_cross_entropy(hidden, weight, targets, p):
-    from cut_cross_entropy import linear_cross_entropy
+def _cce(impl):
+    def ce(hidden, weight, targets):
+        from cut_cross_entropy import linear_cross_entropy
 
-    ce = linear_cross_entropy(hidden, weight, targets, reduction="none")
-    return (ce / p).sum()
-
-
-FUSED_LOSS = {"liger": _liger, "cut_cross_entropy": _cut_cross_entropy}
+        return linear_cross_entropy(hidden, weight, targets, reduction="none", impl=impl)
+    return ce
 
 
-def fused_loss_peers() -> list[str]:
-    """The fused-loss peers that import here (CUDA)."""
-    return [name for name, module in (("liger", "liger_kernel"),
-                                      ("cut_cross_entropy", "cut_cross_entropy"))
-            if importable(module)]
+# name -> (per-token CE, the module it needs, the devices it runs on)
+FUSED_LOSS = {"liger": (_liger, "liger_kernel", ("cuda",)),
+              "cce": (_cce("cce"), "cut_cross_entropy", ("cuda",)),
+              "cce_torch_compile": (_cce("torch_compile"), "cut_cross_entropy", ("cpu", "cuda"))}
 
 
-def fused_loss_step(provider, hidden, weight, ids, masked, p_mask):
-    """One forward of a fused-loss peer on the masked rows of [B, L, D] hidden states."""
-    p = p_mask if p_mask.dim() == 2 else p_mask[:, None].expand_as(masked)  # [B] or [B, L]
-    return FUSED_LOSS[provider](hidden[masked], weight, ids[masked], p[masked].float())
+def fused_loss_peers(device: str) -> list[str]:
+    """The fused-loss peers that import here and run on `device` ("cpu" or "cuda")."""
+    return [name for name, (_, module, devices) in FUSED_LOSS.items()
+            if device in devices and importable(module)]
+
+
+def fused_loss_step(provider, hidden, weight, ids, masked, p_mask) -> torch.Tensor:
+    """sum over the masked rows of CE / p_mask through a peer (the value of our loss);
+    hidden [B, L, D], weight [V, D], ids and masked [B, L], p_mask [B] or [B, L]."""
+    p = p_mask if p_mask.dim() == 2 else p_mask[:, None].expand_as(masked)
+    ce = FUSED_LOSS[provider][0](hidden[masked], weight, ids[masked])
+    return (ce.float() / p[masked].float()).sum()

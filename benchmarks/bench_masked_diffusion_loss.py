@@ -10,9 +10,11 @@ Two comparisons, inputs noised as in pre-training (t ~ U(0, 1) per sequence):
   * fused form: llada_pretrain_loss(hidden, ..., lm_head_weight=W) against
     guidelines_pretrain_loss(hidden @ W.T, ...). Targets on CPU: >= 1.5x the speed and <= 25% of
     eager's peak memory.
-The baselines come from llada_kernels.reference.loss, so they never drift from the tests. On CUDA
-the fused form also runs Liger's and Cut Cross-Entropy's fused linear cross-entropy where they
-import (benchmarks/_peers.py), on the same masked rows with the same 1 / p_mask weights.
+The baselines come from llada_kernels.reference.loss, so they never drift from the tests. The
+fused form also runs Cut Cross-Entropy (its torch.compile path on CPU and CUDA, its Triton kernels
+on CUDA) and Liger Kernel (CUDA) where they import (benchmarks/_peers.py says how each is
+called), on the same masked rows with the same 1 / p_mask weights, each checked against our
+loss's value before it is timed.
 
 Everything a runner needs is importable: CASES, providers(), make_inputs(), step(),
 peak_memory(). Peak memory is the extra memory one forward + backward takes over its inputs:
@@ -136,8 +138,8 @@ def _peak_rss_child(provider: str, case: str) -> int:
 
 def _params():
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    def peers(d, c):  # Liger's and Cut Cross-Entropy's fused linear CE, where they import
-        return _peers.fused_loss_peers() if d == "cuda" and CASES[d][c][0] == "fused" else []
+    def peers(d, c):  # Liger's and Cut Cross-Entropy's fused linear CE, where they run
+        return _peers.fused_loss_peers(d) if CASES[d][c][0] == "fused" else []
 
     return [pytest.param(d, c, p, id=f"{d}-{c}-{p}")
             for d in devices for c in CASES[d] for p in providers(d) + peers(d, c)]
@@ -147,6 +149,13 @@ def _params():
 def test_masked_diffusion_loss(benchmark, device, case, provider):
     inputs = make_inputs(case, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if provider in _peers.FUSED_LOSS:  # a peer computes our loss, or its row is meaningless
+        x, w, ids, masked, p_mask = inputs
+        with torch.no_grad():
+            torch.testing.assert_close(_peers.fused_loss_step(provider, x, w, ids, masked, p_mask),
+                                       guidelines_pretrain_loss(F.linear(x, w).float(), ids, masked,
+                                                                p_mask) * ids.numel(),
+                                       rtol=2e-2 if device == "cuda" else 1e-4, atol=1e-3)
 
     def run():
         step(provider, inputs)

@@ -6,7 +6,9 @@ Triton kernels and the fake (meta) implementations beside them.
 
 from . import _backend, _versions
 
-_versions.check_installed()  # warns below the supported torch / Triton (_versions.py)
+# The one version check (_versions.py): ImportError for a torch that _C was not compiled
+# against; a warning for a torch or Triton below the supported range.
+_versions.check_installed()
 
 try:
     from . import _C  # noqa: F401  (loads the TORCH_LIBRARY(llada) registrations)

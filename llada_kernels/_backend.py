@@ -108,9 +108,46 @@ def _unavailable(op: str, name: str, device: torch.device) -> str | None:
 
 
 def available_backends(op: str, device: torch.device | str) -> list[str]:
-    """The backends that can run `op` on `device` in this process."""
+    """The backends that can run `op` on tensors of `device` in this process: `op` is a public
+    op name ("remask_step", "masked_diffusion_loss", "fused_linear_masked_diffusion_loss",
+    "attention", ...) or a schema name of torch.ops.llada. A device this process
+    cannot use (a CUDA device without a GPU) has none."""
     device = torch.device(device)
-    return [b for b in BACKENDS if _unavailable(op, b, device) is None]
+    kernel = _kernel_name(op)
+    if not _device_present(device):
+        return []
+    return [b for b in BACKENDS if _unavailable(kernel, b, device) is None]
+
+
+_ALIASES = {"bidirectional_attention": "attention"}  # deprecated public name -> its op
+
+
+def _kernel_name(op: str) -> str:
+    """The schema whose kernels decide what runs `op`: `op` itself, or `<op>_fwd` for an op with
+    separate forward and backward kernels (attention, and its deprecated name
+    bidirectional_attention). ValueError for neither."""
+    if not isinstance(op, str):
+        raise TypeError(f"available_backends: op must be a str; got {type(op).__name__}")
+    if _C_ERROR is not None:  # no schemas to look up: only the reference runs anyway
+        return op
+    op = _ALIASES.get(op, op)
+    for name in (op, f"{op}_fwd"):
+        if torch._C._dispatch_has_kernel(f"llada::{name}"):
+            return name
+    names = {s.name.removeprefix("llada::") for s in torch._C._jit_get_all_schemas()
+             if s.name.startswith("llada::")}
+    public = sorted(n.removesuffix("_fwd") for n in names
+                    if not n.endswith(("_triton", "_bwd", "_backward", "_fwd_bwd")))
+    raise ValueError(f"available_backends: {op!r} is not an op of llada_kernels; expected one of "
+                     f"{', '.join(public)}")
+
+
+def _device_present(device: torch.device) -> bool:
+    """Whether this process can put tensors on `device` (a GPU for "cuda")."""
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        return count > 0 and (device.index is None or device.index < count)
+    return True
 
 
 def cpu_capability() -> str | None:

@@ -161,6 +161,20 @@ def check_positive_finite(op: str, name: str, t: torch.Tensor, dtype: torch.dtyp
                  f"{' (the dtype the op computes in)' if dtype is not None else ''}; got {got}")
 
 
+def check_nonnegative_finite(op: str, name: str, t: torch.Tensor, dtype: torch.dtype | None = None):
+    """Every element finite and >= 0 (a value check), in `dtype` when given (after the cast)."""
+    if not values_checked() or not t.numel():
+        return
+    t = t.detach()
+    used = t if dtype is None else t.to(dtype)
+    bad = ~(torch.isfinite(used) & (used >= 0))
+    if bool(bad.any()):
+        where = tuple(torch.nonzero(bad)[0].tolist())
+        fail(op, f"{name} must be finite and >= 0"
+                 f"{f' in {_name(used.dtype)}' if dtype is not None else ''}; got "
+                 f"{t[where].item()} at {list(where)}")
+
+
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

@@ -76,8 +76,10 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
 
     Args:
         model: an LLaDAModel (fast path: hidden states, lm_head on the current block only), or
-            any module whose `model(x, attention_mask=...)` returns `.logits` [B, L, V] and which
-            has `.device`, such as the released model (logits over the whole sequence).
+            any module whose `model(x, attention_mask=...)` returns `.logits` [B, L, V], such
+            as the released model or another transformers model (logits over the whole
+            sequence). Its device is `model.device`, else its first parameter's, else the
+            prompt's.
         prompt: [B, Lp] int64, left-padded when prompts differ in length; ids inside the
             model's vocabulary (embedding_size rows) where its config gives one.
         attention_mask: [B, Lp] (1 = token, 0 = padding) or None. Padding keys are hidden
@@ -107,12 +109,19 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
             its remaining positions become eos_id (what LLaDA's SFT data trains as padding) and
             it leaves the batch, so later blocks cost nothing for it. Rows still running get
             the same tokens as without stop_at_eos.
-        prefix_cache: Fast-dLLM's prefix KV cache (LLaDAModel only). At each block's first
-            step the whole sequence runs and every layer's keys and values left of the block
-            are kept; the block's other steps run only the block and what follows it, against
-            the cached prefix. APPROXIMATE: with bidirectional attention the cached prefix
-            keys should change as the block fills in, and here they do not. Tokens can differ
-            from the exact sampler; the demo reports the accuracy difference.
+        prefix_cache: Fast-dLLM's prefix KV cache. At each block's first step the whole
+            sequence runs and every layer's keys and values left of the block are kept; the
+            block's other steps run only the block and what follows it, against the cached
+            prefix. APPROXIMATE: with bidirectional attention the cached prefix keys should
+            change as the block fills in, and here they do not. Tokens can differ from the
+            exact sampler; the demo reports the accuracy difference. Supported by an
+            LLaDAModel, and by a transformers model whose forward takes `past_key_values`
+            and `use_cache=True` and returns `past_key_values` (a Cache with `crop`, as
+            DynamicCache, or per-layer (k, v) tuples): Qwen2-style models such as Dream's.
+            Not by the released modeling_llada.py, whose forward refuses any cache ("The
+            kvcache is not supported for MDM"): load the checkpoint as an LLaDAModel for it.
+            With a transformers model, the positions of the cached call are those the model
+            derives from the cache's length (as with no cache: 0..L-1 whatever the padding).
         progress: show a tqdm progress bar over the steps, if tqdm is installed.
         generator: torch.Generator for temperature > 0 and "random" (on the model's device).
         backend: remask_step's backend (None = its default; "reference" = eager).
@@ -135,7 +144,7 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
     eos_id = _from_config(eos_id, config, "eos_token_id", EOS_ID)
     B, Lp = _check(model, prompt, attention_mask, steps, gen_length, block_length, temperature,
                    cfg_scale, remasking, mask_id, threshold, prefix_cache)
-    device = model.device
+    device = _model_device(model, prompt)
     steps_per_block = steps // (gen_length // block_length)
     suppress = (eos_id,) if logits_eos_inf else ()
     zero_conf = (((eos_id, eot_id) if temperature == 0 else (eot_id,))
@@ -173,6 +182,9 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
             if fast:
                 cond, un, cache = _block_logits(model, xa, ama, pia, lo, e, cfg_scale, mask_id,
                                                 prefix_cache, cache)
+            elif prefix_cache:
+                cond, un, cache = _cached_logits(model, xa, ama, pia, lo, e, cfg_scale, mask_id,
+                                                 cache)
             else:
                 cond, un = _full_logits(model, xa, ama, pia, lo, e, cfg_scale, mask_id)
             xw, _ = llada_kernels.remask_step(
@@ -248,6 +260,73 @@ def _full_logits(model, x, am, prompt_index, lo, hi, cfg_scale, mask_id):
     return logits, None
 
 
+def _cached_logits(model, x, am, prompt_index, lo, hi, cfg_scale, mask_id, cache):
+    """A transformers model with past_key_values: the window's logits (and the unconditional
+    ones with CFG); at the block's first step (cache None) the whole sequence runs and its
+    cache, cut to the lo positions left of the window, is returned; later steps run x[:, lo:]
+    against it. The cut cache is never extended: a Cache object is cut back after each call."""
+    B = x.shape[0]
+    xin, amin = _cfg_batch(x, am, prompt_index, mask_id) if cfg_scale > 0 else (x, am)
+    if cache is None:
+        out = model(xin, attention_mask=amin, use_cache=True)
+        past = getattr(out, "past_key_values", None)
+        if past is None:
+            _fail(f"prefix_cache: {type(model).__name__} returned no past_key_values with "
+                  "use_cache=True; its interface has no KV cache to reuse")
+        cache = _cut_cache(past, lo)
+        logits = out.logits[:, lo:hi]
+    else:
+        logits = model(xin[:, lo:], attention_mask=amin, past_key_values=cache,
+                       use_cache=True).logits[:, :hi - lo]
+        cache = _cut_cache(cache, lo)
+    if cfg_scale > 0:
+        return logits[:B], logits[B:], cache
+    return logits, None, cache
+
+
+def _cut_cache(past, n):
+    """The first n positions of a transformers cache: a Cache with crop() is cut in place;
+    per-layer (k, v) tuples [B, H, L, Dh] are sliced."""
+    if hasattr(past, "crop"):
+        past.crop(n)
+        return past
+    if isinstance(past, (tuple, list)) and all(isinstance(kv, (tuple, list)) for kv in past):
+        return tuple(tuple(t[:, :, :n] for t in kv) for kv in past)
+    _fail(f"prefix_cache: past_key_values of type {type(past).__name__} can be neither cropped "
+          "nor sliced")
+
+
+def _model_device(model, prompt):
+    """model.device, else the device of its first parameter, else the prompt's."""
+    device = getattr(model, "device", None)
+    if isinstance(device, (torch.device, str)):
+        return torch.device(device)
+    params = getattr(model, "parameters", None)
+    first = next(iter(params()), None) if callable(params) else None
+    return first.device if first is not None else prompt.device
+
+
+def _supports_cache(model) -> str | None:
+    """Why the model's interface cannot serve prefix_cache, or None when it can."""
+    if hasattr(model, "hidden_states"):
+        return None
+    inner = getattr(model, "model", model)
+    if getattr(inner, "transformer", None) is not None:
+        return ("the released modeling_llada.py refuses past_key_values (\"The kvcache is not "
+                "supported for MDM\"); load the checkpoint with llada_kernels.model.LLaDAModel"
+                ".from_pretrained for the prefix cache")
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError, AttributeError):
+        params = {}
+    if not {"past_key_values", "use_cache"} <= set(params):
+        return (f"{type(model).__name__}.forward takes no past_key_values and use_cache; "
+                "prefix_cache needs an LLaDAModel or a transformers model with a KV cache")
+    return None
+
+
 def _progress_bar(progress, total):
     if not progress:
         return None
@@ -320,6 +399,7 @@ def _check(model, prompt, attention_mask, steps, gen_length, block_length, tempe
         if bool(((attention_mask == 0) & (prompt.to(attention_mask.device) == mask_id)).any()):
             _fail(f"the prompt's padding uses mask_id ({mask_id}); the sampler would decode it. "
                   "Pad with another id (LLaDA pads with EOS)")
-    if prefix_cache and not hasattr(model, "hidden_states"):
-        _fail("prefix_cache needs an LLaDAModel (a model with hidden_states(past_kv=...))")
+    why = _supports_cache(model) if prefix_cache else None
+    if why is not None:
+        _fail(f"prefix_cache is not supported for this model: {why}")
     return B, Lp

@@ -161,46 +161,97 @@ def _sft_divisor(p_mask, prompt_lengths, L):
 
 # ---- losses from the model -------------------------------------------------------------------
 
-def hidden_and_head(model, input_ids, attention_mask=None, *, rows=None):
-    """Hidden states after ln_f [B, L, D] and the lm_head (weight [V, D], bias or None).
+def hidden_and_head(model, input_ids, attention_mask=None, *, rows=None, **model_kwargs):
+    """Hidden states after the final norm [B, L, D] and the lm_head (weight [V, D], bias or
+    None), for the fused loss: the [B, L, V] logits are never formed. How to swap the loss in
+    a trainer:
 
-    LLaDAModel: its `hidden_states` and `lm_head_weight`. A released LLaDAModelLM: its own
-    forward runs with `transformer.ff_out` swapped for an identity, so the "logits" it returns
-    are the hidden states and the [B, L, V] logits are never formed. This is also how to swap
-    the loss in a trainer built on the released model:
-
-        hidden, (weight, bias) = hidden_and_head(model, noisy_batch)
+        hidden, (weight, bias) = hidden_and_head(model, noisy_batch, attention_mask)
         loss = llada_kernels.fused_linear_masked_diffusion_loss(
             hidden, weight, input_ids, masked_indices, p_mask, bias=bias) / (B * L)
 
+    model:
+      * an LLaDAModel: its `hidden_states` and `lm_head_weight`;
+      * a model built by the released `modeling_llada.py` (LLaDAModelLM): its own forward runs
+        with `transformer.ff_out` swapped for an identity, so the "logits" it returns are the
+        hidden states;
+      * any other transformers model with an lm_head (`get_output_embeddings()`, a Linear):
+        Dream and SDAR (Qwen2/Qwen3-based), LLaDA2.0/2.1 (MoE), ...: its base model
+        (`get_decoder()`, else the `base_model_prefix` attribute) runs and its
+        `last_hidden_state` is returned. What the LM class itself adds after its base model
+        is skipped: a router's auxiliary loss (request it from the base model's outputs
+        yourself), and a head that is not a plain Linear of the hidden states (logit
+        soft-capping or scaling: config.final_logit_softcapping, logit_scale, logits_scaling,
+        scale_logits) is refused with NotImplementedError. Logit shifting (Dream's
+        right-shifted logits) is the caller's, as with logits.
+    model_kwargs: passed to the model's forward unchanged: position_ids, attention_bias (the
+        released LLaDA file), a 4-D attention_mask, ... (use_cache defaults to False for
+        transformers models).
     rows: None, or a [B, L] bool mask: then only hidden[rows], [N, D], is returned (an
-    LLaDAModel computes its last layer's attn_out and MLP for these rows only; see
-    LLaDAModel.hidden_states' output_positions).
+        LLaDAModel computes its last layer's attn_out and MLP for these rows only; see
+        LLaDAModel.hidden_states' output_positions).
     """
     if hasattr(model, "hidden_states") and hasattr(model, "lm_head_weight"):
-        return (model.hidden_states(input_ids, attention_mask, output_positions=rows),
+        return (model.hidden_states(input_ids, attention_mask, output_positions=rows, **model_kwargs),
                 (model.lm_head_weight, None))
     inner = getattr(model, "model", model)
     t = getattr(inner, "transformer", None)
     if t is None:
-        raise TypeError(f"{type(model).__name__} is neither an LLaDAModel nor a model built by "
-                        "LLaDA's modeling_llada.py (no .model.transformer)")
+        head, body = _hf_head_and_body(model)
+        model_kwargs.setdefault("use_cache", False)
+        out = body(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return (hidden if rows is None else hidden[rows]), (head.weight, head.bias)
     config = inner.config
-    if getattr(config, "scale_logits", False):
-        raise NotImplementedError("scale_logits=True: the logits are not a plain linear head")
+    _refuse_scaled_logits(config)
     tied = config.weight_tying
     head = t.wte if tied else t.ff_out
     weight, bias = head.weight, getattr(head, "bias", None)
     with _identity_head(inner, t, tied):
-        hidden = model(input_ids, attention_mask=attention_mask).logits
+        hidden = model(input_ids, attention_mask=attention_mask, **model_kwargs).logits
     return (hidden if rows is None else hidden[rows]), (weight, bias)
+
+
+def _hf_head_and_body(model):
+    """(lm_head, base model) of a transformers model, or TypeError naming what is missing."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"hidden_and_head: {type(model).__name__} is neither an LLaDAModel, a model "
+                        "built by LLaDA's modeling_llada.py, nor a transformers model whose "
+                        "get_output_embeddings() is an nn.Linear lm_head; got "
+                        f"{type(head).__name__ if head is not None else 'no lm_head'}")
+    get_body = getattr(model, "get_decoder", None)
+    body = get_body() if callable(get_body) else None
+    if body is None or body is model:
+        body = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    if not isinstance(body, nn.Module) or body is model:
+        raise TypeError(f"hidden_and_head: {type(model).__name__} has an lm_head but no base model "
+                        "(get_decoder() or the base_model_prefix attribute) to run without it")
+    _refuse_scaled_logits(getattr(model, "config", None))
+    return head, body
+
+
+def _refuse_scaled_logits(config):
+    """NotImplementedError when the model's logits are not lm_head(hidden) as they are."""
+    for name in ("scale_logits", "final_logit_softcapping", "logit_scale", "logits_scaling"):
+        value = getattr(config, name, None)
+        if value not in (None, False, 1, 1.0):
+            raise NotImplementedError(f"hidden_and_head: the model's config has {name}={value!r}: "
+                                      "its logits are not a plain linear head of the hidden states")
 
 
 def _has_head(model) -> bool:
     """Whether hidden_and_head can serve the model (else only its logits can be used)."""
     if hasattr(model, "hidden_states") and hasattr(model, "lm_head_weight"):
         return True
-    return getattr(getattr(model, "model", model), "transformer", None) is not None
+    if getattr(getattr(model, "model", model), "transformer", None) is not None:
+        return True
+    try:
+        _hf_head_and_body(model)
+    except (TypeError, NotImplementedError):
+        return False
+    return True
 
 
 @contextlib.contextmanager

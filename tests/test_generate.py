@@ -303,7 +303,7 @@ def test_prefix_cache(model):
                               return_stats=True, **kw)
         assert not (out == MASK).any() and stats.model_calls == 16
         assert torch.equal(out[:, :7], p)
-    with pytest.raises(ValueError, match="prefix_cache needs an LLaDAModel"):
+    with pytest.raises(ValueError, match="prefix_cache is not supported for this model: LogitsOnly.forward takes no past_key_values"):
         generate(LogitsOnly(model), p, am, steps=2, prefix_cache=True, **kw)
 
 

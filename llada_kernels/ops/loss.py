@@ -3,7 +3,8 @@
     loss = sum over masked (b, l) of CE(logits[b, l], targets[b, l]) / p_mask[b, l]
 
 Both forms reduce the batch to rows r = (b, l), N = B * L of them, with a weight per row:
-w_r = 1 / p_mask where masked, 0 where not (such rows are skipped). The row kernels
+w_r = 1 / p_mask where masked (or a caller's multiplicative token_weight instead), 0 where not
+(such rows are skipped). The row kernels
 (llada::masked_diffusion_loss, _backward, _fwd_bwd; schemas in csrc/ops.cpp) see only logits
 [N, V], targets [N] and weights [N], and return each row's cross-entropy ce [N]; the loss is
 sum(w * ce), multiplied here, so that autograd differentiates p_mask through w = 1 / p_mask.
@@ -26,12 +27,14 @@ def masked_diffusion_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
     masked: torch.Tensor,
-    p_mask: torch.Tensor,
+    p_mask: torch.Tensor | None = None,
     *,
+    token_weight: torch.Tensor | None = None,
     reduction: str = "sum",
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy of the masked positions, each divided by its mask probability.
+    """Cross-entropy of the masked positions, each divided by its mask probability (or
+    multiplied by a per-token weight).
 
     Args:
         logits: [B, L, V] float32, bfloat16, float16 (or float64, for gradcheck). The vocabulary
@@ -42,6 +45,11 @@ def masked_diffusion_loss(
         p_mask: [B] (one per sequence) or [B, L], floating, finite and > 0: each position's mask
             probability, the divisor of its cross-entropy. For SFT pass
             p_mask * answer_length[:, None].
+        token_weight: instead of p_mask, [B] or [B, L], floating, finite and >= 0: a weight
+            that multiplies each position's cross-entropy, as MDLM-style trainers write it
+            (dllm: w = -alpha'(t) / (1 - alpha(t))). Exactly one of p_mask and token_weight.
+            (Not `weight`: the fused form's `weight` is the lm_head.) A token_weight that
+            requires grad gets d loss / d token_weight = CE.
         reduction: "sum" (a scalar) or "none" ([B, L], 0 where not masked).
         backend: "reference", "cpu", "triton" or "cuda"; see llada_kernels._backend.
 
@@ -64,18 +72,21 @@ def masked_diffusion_loss(
     log-sum-exp and the target, so large logits lose nothing (32 equal logits of 1e8: log 32).
     Unmasked rows are never read.
     """
-    B, L, V = _check(OP, logits, "logits", targets, masked, p_mask)
-    if reduction not in REDUCTIONS:
-        _checks.fail(OP, f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
+    B, L, V = _check(OP, logits, "logits", targets, masked, p_mask, token_weight)
+    _checks.check_in(OP, "reduction", reduction, REDUCTIONS)
     name = _backend.resolve(OP, backend, logits.device)
     if name == "reference":
-        return reference.masked_diffusion_loss(logits, targets, masked, p_mask, reduction=reduction)
+        return reference.masked_diffusion_loss(logits, targets, masked, p_mask, reduction=reduction,
+                                               token_weight=token_weight)
 
     op = torch.ops.llada.masked_diffusion_loss_triton if name == "triton" else torch.ops.llada.masked_diffusion_loss
     rows = logits.reshape(B * L, V)
-    weights = _row_weights(masked, p_mask, B, L, logits.dtype)  # differentiable in p_mask
+    weights = _row_weights(masked, p_mask, token_weight, B, L, logits.dtype)  # differentiable
+    # The kernels run the rows whose weight is not 0: every masked row (a token_weight of 0
+    # still has d loss / d token_weight = CE), which the backward scales by grad * w.
+    active = weights.detach() if token_weight is None else masked.reshape(-1).to(weights.dtype)
     ce, _ = op(rows if rows.stride(-1) == 1 else rows.contiguous(), targets.reshape(-1).contiguous(),
-               weights.detach())
+               active)
     losses = ce * weights
     return losses.sum() if reduction == "sum" else losses.view(B, L)
 
@@ -85,9 +96,11 @@ def fused_linear_masked_diffusion_loss(
     weight: torch.Tensor,
     targets: torch.Tensor,
     masked: torch.Tensor,
-    p_mask: torch.Tensor,
+    p_mask: torch.Tensor | None = None,
     *,
+    token_weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    reduction: str = "sum",
     chunk_size: int | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
@@ -103,15 +116,20 @@ def fused_linear_masked_diffusion_loss(
     Args:
         hidden: [B, L, D] float32, bfloat16, float16 (or float64), the last hidden states.
         weight: [V, D], same dtype, the lm_head.
-        targets, masked, p_mask: as masked_diffusion_loss.
+        targets, masked, p_mask, token_weight: as masked_diffusion_loss.
         bias: [V] or None, same dtype.
+        reduction: "sum" (a scalar) or "none" (the [B, L] per-token losses, 0 where not
+            masked, for per-token meters such as dllm's NLL/PPL). With "none" the forward keeps
+            no gradient: backward recomputes each chunk's logits once, with the upstream
+            per-token gradient folded into the row weights (Liger's approach), so a backward
+            costs one more pass of lm_head GEMMs than with "sum".
         chunk_size: rows per chunk; None sizes it from the machine's last-level cache, the
             GEMMs' needs and the temporaries (llada_kernels._machine.fused_loss_chunk_rows).
         backend: the kernel that turns each chunk's logits into loss and gradient: "cpu",
             "triton", "cuda", or "reference" (the eager full-logits definition).
 
     Returns:
-        The loss, a float32 (float64) scalar, as masked_diffusion_loss.
+        The loss, a float32 (float64) scalar (or [B, L]), as masked_diffusion_loss.
 
     Synchronisation: gathering the masked rows needs their number, so the host waits for the
     device once per call (torch.nonzero). Under torch.compile the whole computation is one
@@ -127,7 +145,8 @@ def fused_linear_masked_diffusion_loss(
     masked_diffusion_loss on materialised logits, or backend="reference". Non-finite logits
     follow masked_diffusion_loss.
     """
-    B, L, D = _check(FUSED_OP, hidden, "hidden", targets, masked, p_mask)
+    B, L, D = _check(FUSED_OP, hidden, "hidden", targets, masked, p_mask, token_weight)
+    _checks.check_in(FUSED_OP, "reduction", reduction, REDUCTIONS)
     _checks.check_tensor(FUSED_OP, "weight", weight, dtypes=(hidden.dtype,), ndim=2)
     _checks.check_shape(FUSED_OP, "weight", weight, ("V", D))
     _checks.check_device(FUSED_OP, "weight", weight, hidden.device, "hidden")
@@ -143,18 +162,38 @@ def fused_linear_masked_diffusion_loss(
     # The row kernels are what the backend provides; they live with masked_diffusion_loss.
     name = _backend.resolve(OP, backend, hidden.device)
     if name == "reference":
-        return reference.fused_linear_masked_diffusion_loss(hidden, weight, targets, masked, p_mask,
-                                                            bias=bias)
+        return reference.fused_linear_masked_diffusion_loss(
+            hidden, weight, targets, masked, p_mask, bias=bias, reduction=reduction,
+            token_weight=token_weight)
+    weights = _row_weights(masked, p_mask, token_weight, B, L, hidden.dtype)
+    rows, targets = hidden.reshape(B * L, D), targets.reshape(-1).contiguous()
+    if reduction == "none":
+        active = masked.reshape(-1).to(weights.dtype)  # ce of every masked row, weight 0 too
+        return _FusedPerToken.apply(rows, weight, bias, targets, weights, active, chunk_size or 0,
+                                    name).view(B, L)
     compute_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     # The weights carry p_mask's gradient (the op's backward gives d loss / d weights = ce).
     loss, *_ = torch.ops.llada.fused_linear_masked_diffusion_loss(
-        hidden.reshape(B * L, D), weight, bias, targets.reshape(-1).contiguous(),
-        _row_weights(masked, p_mask, B, L, hidden.dtype), chunk_size or 0, name, compute_grad)
+        rows, weight, bias, targets, weights, chunk_size or 0, name, compute_grad)
+    if token_weight is not None and token_weight.requires_grad and torch.is_grad_enabled():
+        loss = loss + _idle_rows_term(rows, weight, bias, targets, masked, weights, chunk_size, name)
     return loss
 
 
-def _check(op, x, x_name, targets, masked, p_mask):
+def _idle_rows_term(rows, weight, bias, targets, masked, weights, chunk_size, backend):
+    """0, with the gradient d loss / d token_weight = CE on the masked rows whose token_weight
+    is 0 (which the composite skips). One host sync, only when token_weight requires grad."""
+    idle = masked.reshape(-1) & (weights.detach() == 0)
+    if not bool(idle.any()):
+        return 0
+    with torch.no_grad():
+        _, ce, *_ = torch.ops.llada.fused_linear_masked_diffusion_loss(
+            rows, weight, bias, targets, idle.to(weights.dtype), chunk_size or 0, backend, False)
+    return (ce * weights).sum()
+
+
+def _check(op, x, x_name, targets, masked, p_mask, token_weight=None):
     """Checks shared by both forms; x is logits [B, L, V] or hidden [B, L, D]."""
     _checks.check_tensor(op, x_name, x, dtypes=_checks.FLOAT_DTYPES + (torch.float64,), ndim=3)
     B, L, last = x.shape
@@ -162,23 +201,34 @@ def _check(op, x, x_name, targets, masked, p_mask):
         _checks.check_tensor(op, name, t, dtypes=dtypes, ndim=2)
         _checks.check_shape(op, name, t, (B, L))
         _checks.check_device(op, name, t, x.device, x_name)
-    _checks.check_tensor(op, "p_mask", p_mask, dtypes=_checks.FLOAT_DTYPES + (torch.float64,))
-    if p_mask.dim() == 1:
-        _checks.check_shape(op, "p_mask", p_mask, (B,))
+    if (p_mask is None) == (token_weight is None):
+        _checks.fail(op, "give exactly one of p_mask (the loss divides by it) and token_weight "
+                     f"(the loss multiplies by it); got {'both' if p_mask is not None else 'neither'}",
+                     TypeError)
+    name, w = ("p_mask", p_mask) if p_mask is not None else ("token_weight", token_weight)
+    _checks.check_tensor(op, name, w, dtypes=_checks.FLOAT_DTYPES + (torch.float64,))
+    if w.dim() == 1:
+        _checks.check_shape(op, name, w, (B,))
     else:
-        _checks.check_shape(op, "p_mask", p_mask, (B, L))
-    _checks.check_device(op, "p_mask", p_mask, x.device, x_name)
-    # Checked as the kernels use it: cast to the accumulation dtype, and inverted.
-    _checks.check_positive_finite(op, "p_mask", p_mask, reference.accumulation_dtype(x.dtype))
+        _checks.check_shape(op, name, w, (B, L))
+    _checks.check_device(op, name, w, x.device, x_name)
+    # Checked as the kernels use it: cast to the accumulation dtype (and p_mask inverted).
+    if p_mask is not None:
+        _checks.check_positive_finite(op, "p_mask", p_mask, reference.accumulation_dtype(x.dtype))
+    else:
+        _checks.check_nonnegative_finite(op, "token_weight", token_weight,
+                                         reference.accumulation_dtype(x.dtype))
     if x_name == "logits":
         _checks.check_index(op, "targets", targets, last, where=masked)
     return B, L, last
 
 
-def _row_weights(masked, p_mask, B, L, dtype):
-    """[N] weights in the accumulation dtype: 1 / p_mask where masked, 0 elsewhere
-    (differentiable in p_mask)."""
+def _row_weights(masked, p_mask, token_weight, B, L, dtype):
+    """[N] weights in the accumulation dtype: 1 / p_mask (or token_weight) where masked, 0
+    elsewhere (differentiable in p_mask or token_weight)."""
     acc = reference.accumulation_dtype(dtype)
+    if token_weight is not None:
+        return torch.where(masked, reference.expand_p_mask(token_weight, B, L).to(acc), 0).reshape(-1)
     p = reference.expand_p_mask(p_mask, B, L).to(acc)
     return torch.where(masked, p.reciprocal(), 0).reshape(-1)
 
@@ -320,6 +370,36 @@ def _fused_backward(ctx, grad_loss, *_unused):
     grad_weights = ce * grad_loss.to(ce.dtype) if ctx.needs_input_grad[4] else None
     return (scaled[0], scaled[1], scaled[2] if ctx.has_bias else None, None, grad_weights,
             None, None, None)
+
+
+class _FusedPerToken(torch.autograd.Function):
+    """reduction="none" of the fused form: per-row losses w * ce [N]. The forward runs the
+    composite without gradients on the active rows (the masked ones; ce only, no logits
+    kept); backward recomputes the chunks with row weights w * g (g the upstream [N]
+    gradient), which is exactly the gradient of sum(g * w * ce), and gives d w = g * ce
+    (p_mask's or token_weight's, through w)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, weights, active, chunk_size, backend):
+        _, ce, *_ = torch.ops.llada.fused_linear_masked_diffusion_loss(
+            hidden, weight, bias, targets, active, chunk_size, backend, False)
+        ctx.save_for_backward(hidden, weight, bias, targets, weights, ce)
+        ctx.chunk_size, ctx.backend = chunk_size, backend
+        return ce * weights.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, targets, weights, ce = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grads = [None, None, None]
+        if any(needs[:3]):
+            folded = (weights * grad.to(weights.dtype)).contiguous()
+            _, _, gh, gw, gb = torch.ops.llada.fused_linear_masked_diffusion_loss(
+                hidden, weight, bias, targets, folded, ctx.chunk_size, ctx.backend, True)
+            grads = [gh if needs[0] else None, gw if needs[1] else None,
+                     gb if needs[2] and bias is not None else None]
+        grad_weights = grad.to(ce.dtype) * ce if needs[4] else None
+        return grads[0], grads[1], grads[2], None, grad_weights, None, None, None
 
 
 def register():

@@ -30,27 +30,31 @@ def expand_p_mask(p_mask: torch.Tensor, B: int, L: int) -> torch.Tensor:
     return p_mask[:, None].expand(B, L) if p_mask.dim() == 1 else p_mask
 
 
-def masked_diffusion_loss(logits, targets, masked, p_mask, *, reduction="sum"):
-    """logits [B, L, V], targets [B, L] int64, masked [B, L] bool, p_mask [B] or [B, L].
+def masked_diffusion_loss(logits, targets, masked, p_mask=None, *, reduction="sum",
+                          token_weight=None):
+    """logits [B, L, V], targets [B, L] int64, masked [B, L] bool, p_mask [B] or [B, L] (or,
+    instead, token_weight [B] or [B, L]: a multiplier).
 
-    Returns the fp32 (fp64) sum of CE / p_mask over masked positions, or with reduction="none"
-    the [B, L] per-position terms (0 where not masked)."""
+    Returns the fp32 (fp64) sum of CE / p_mask (or CE * token_weight) over masked positions, or
+    with reduction="none" the [B, L] per-position terms (0 where not masked)."""
     B, L, _ = logits.shape
     acc = accumulation_dtype(logits.dtype)
-    p = expand_p_mask(p_mask, B, L).to(acc)
     ce = F.cross_entropy(logits[masked].to(acc), targets[masked], reduction="none")
-    per_token = ce / p[masked]
+    if token_weight is not None:
+        per_token = ce * expand_p_mask(token_weight, B, L).to(acc)[masked]
+    else:
+        per_token = ce / expand_p_mask(p_mask, B, L).to(acc)[masked]
     if reduction == "sum":
         return per_token.sum()
     return torch.zeros((B, L), dtype=acc, device=logits.device).masked_scatter(masked, per_token)
 
 
-def fused_linear_masked_diffusion_loss(hidden, weight, targets, masked, p_mask, *, bias=None,
-                                       reduction="sum"):
+def fused_linear_masked_diffusion_loss(hidden, weight, targets, masked, p_mask=None, *, bias=None,
+                                       reduction="sum", token_weight=None):
     """hidden [B, L, D], weight [V, D], bias [V] or None: masked_diffusion_loss of the full
     logits hidden @ weight.T + bias (which it materialises, [B, L, V])."""
     return masked_diffusion_loss(F.linear(hidden, weight, bias), targets, masked, p_mask,
-                                 reduction=reduction)
+                                 reduction=reduction, token_weight=token_weight)
 
 
 # The formulas of LLaDA's GUIDELINES.md, in the logits' dtype, as the official code computes them.
