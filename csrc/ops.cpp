@@ -48,7 +48,8 @@ TORCH_LIBRARY(llada, m) {
   //            exactly 0 where weight == 0
   //   stats    [N, 2] fp32 (fp64): the row max and log sum_j exp(logits_j - max), apart (their
   //            sum, the log-sum-exp, would round away the log-sum at large logits); (0, 0)
-  //            where weight == 0, (NaN, NaN) where the max is not finite
+  //            where weight == 0, (NaN, NaN) where a logit is NaN or +inf, (-inf, -inf) where
+  //            every logit is -inf (a vocabulary-parallel shard's row may; ce is NaN either way)
   //   grad_ce  [N], the upstream gradient of ce
   //   grad_logits [N, V] logits' dtype: grad_ce * (softmax(logits) - onehot(target)), 0 where
   //            weight == 0
