@@ -2,14 +2,33 @@
 #   make bench   the main job: the benchmark suite (CSV + plots under benchmarks/results/),
 #                then the end-to-end demo (train a tiny LLaDA on CPU, sample every way)
 #   make test    the test suite (C++ CPU kernels, Triton interpreter, ahead-of-time compiles, CMake)
+# And CI's second run:
+#   make test-oldest   the oldest supported torch and Triton (requirements-oldest.txt) in
+#                .venv-oldest: the C++ CPU kernels built against that torch, in a copy of the
+#                tree (build-oldest/src, so the in-place build of `make test` stays), then the
+#                CPU tests, the Triton interpreter tests and the ahead-of-time compiles
+#                (OLDEST_SKIP below)
 # Variables: PYTHON (python3.11+), LLADA_CUDA_ARCHS (default "8.0;9.0+PTX"), LLADA_NO_CUDA=1,
-# MAX_JOBS (parallel compile jobs, default: the core count).
+# MAX_JOBS (parallel compile jobs, default: the core count), PYTEST_ARGS (extra pytest arguments
+# of test-oldest).
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+OLDEST_VENV ?= .venv-oldest
+OLDEST_PY   := $(abspath $(OLDEST_VENV))/bin/python
+OLDEST_SRC  := build-oldest/src
+# What the oldest run leaves out (about half the suite's time): the demo (a training run), the
+# CMake build (setup.py's build is the one tested against this torch), the CUDA kernels on the
+# host emulation (their device code does not depend on torch; the newest run has them) and the
+# three statistical sampling tests of the Triton kernels under the interpreter (their numerics
+# are the newest run's; the oldest run still runs every other Triton test, sampling included).
+OLDEST_SKIP := --ignore=tests/test_demo.py --ignore=tests/test_cuda_host.py \
+	--ignore=tests/test_cuda_host_layer.py \
+	--deselect tests/test_build.py::test_cmake_build_loads_the_same_ops \
+	-k "not (triton and (random_remasking_picks_uniformly or sampling_frequencies_match_softmax))"
 
-.PHONY: test bench install clean
+.PHONY: test bench install clean test-oldest
 
 $(VENV)/.deps: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,5 +46,22 @@ bench: install
 	$(PY) benchmarks/run.py
 	$(VENV)/bin/llada-kernels demo
 
+$(OLDEST_VENV)/.deps: requirements.txt requirements-oldest.txt
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	sed -E '/^torch([<>=!~ ]|$$)/d' requirements.txt > $(OLDEST_VENV)/requirements-rest.txt
+	$(OLDEST_VENV)/bin/python -m pip install -q -r requirements-oldest.txt \
+		-r $(OLDEST_VENV)/requirements-rest.txt
+	touch $@
+
+test-oldest: $(OLDEST_VENV)/.deps
+	mkdir -p $(OLDEST_SRC)
+	find $(OLDEST_SRC) -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +  # keep ninja's objects
+	tar -cf - --exclude=./.git --exclude='./.venv*' --exclude='./build*' --exclude='*.so' \
+		--exclude=./benchmarks/results . | tar -xf - -C $(OLDEST_SRC)
+	cd $(OLDEST_SRC) && LLADA_NO_CUDA=1 $(OLDEST_PY) setup.py build_ext --inplace -q
+	cd $(OLDEST_SRC) && $(OLDEST_PY) -c "import torch, triton, llada_kernels as lk; \
+		print('oldest run: torch', torch.__version__, 'triton', triton.__version__, lk.__file__)"
+	cd $(OLDEST_SRC) && LLADA_EXPECT_CUDA=0 $(OLDEST_PY) -m pytest $(OLDEST_SKIP) $(PYTEST_ARGS)
+
 clean:
-	rm -rf build build-cmake *.egg-info llada_kernels/_C*.so
+	rm -rf build build-cmake build-oldest *.egg-info llada_kernels/_C*.so

@@ -16,6 +16,7 @@ CUDA build). Whether this machine has a GPU plays no part.
 
 import os
 import re
+import runpy
 import shutil
 import subprocess
 from pathlib import Path
@@ -24,6 +25,8 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+# The supported range of torch and Triton (llada_kernels/_versions.py, also checked at import).
+VERSIONS = runpy.run_path(str(ROOT / "llada_kernels" / "_versions.py"))
 
 
 def _sources():
@@ -66,6 +69,10 @@ def _extension():
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
+    if VERSIONS["parse"](torch.__version__) < VERSIONS["parse"](VERSIONS["MIN_TORCH"]):
+        raise SystemExit(f"llada_kernels builds against torch >= {VERSIONS['MIN_TORCH']}; "
+                         f"this interpreter has torch {torch.__version__}")
+
     with_cuda = cuda_home is not None and torch.version.cuda is not None
     sources = [s for s in _sources() if with_cuda or not s.endswith(".cu")]
     cxx = ["-O3", "-std=c++20", "-DLLADA_BUILD_PYTHON_MODULE", "-fopenmp"]
@@ -101,8 +108,8 @@ setup(
     cmdclass={"build_ext": build_ext},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "numpy", "safetensors>=0.4.3"],
-    extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark"],
-                    "cli": ["tokenizers", "tqdm"]},
+    install_requires=[f"torch>={VERSIONS['MIN_TORCH']}", "numpy", "safetensors>=0.4.3"],
+    extras_require={"triton": [f"triton>={VERSIONS['MIN_TRITON']}"],
+                    "test": ["pytest", "pytest-benchmark"], "cli": ["tokenizers", "tqdm"]},
     entry_points={"console_scripts": ["llada-kernels = llada_kernels.cli:main"]},
 )

@@ -7,7 +7,8 @@ Each group holds every provider at one shape, so the ratios are read within one 
 "eager" is llada_kernels.reference (math attention, the inputs' dtype); "sdpa" is
 F.scaled_dot_product_attention with the same boolean mask (whatever backend it picks: the
 flash CPU kernel on CPU; on CUDA "sdpa_flash" forces the FlashAttention backend, which takes
-no mask, so it runs unpadded only). extra_info carries the attention TFLOP/s (4 B H Lq Lk D
+no mask, so it runs unpadded only). On CUDA also the peers of benchmarks/_peers.py that import:
+SDPA on cuDNN, FlexAttention, flash-attn. extra_info carries the attention TFLOP/s (4 B H Lq Lk D
 forward, 2.5x that for forward+backward, padding not discounted).
 
 Targets (see README): CPU forward >= 1.0x SDPA and >= 3x eager; GPU bf16 D=128 L=4096
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 import llada_kernels as lk
 from llada_kernels.reference import attention as reference
 
+import _peers
 from _common import iterations_for, machine
 
 CPU_SHAPE = dict(B=1, H=4, D=64)     # 2 cores: small enough to finish, big enough to tile
@@ -42,13 +44,7 @@ def _devices():
 def _providers(device):
     if device == "cpu":
         return ["ours", "sdpa", "eager"]
-    out = ["triton", "cuda", "sdpa", "sdpa_flash"]
-    try:
-        import flash_attn  # noqa: F401
-        out.append("flash_attn")
-    except ImportError:
-        pass
-    return out
+    return ["eager", "triton", "cuda", "sdpa", "sdpa_flash"] + _peers.attention_peers()
 
 
 def make_inputs(device, dtype, L, padded, B, H, D, requires_grad=False):
@@ -81,10 +77,8 @@ def attention_fn(provider, device):
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                 return F.scaled_dot_product_attention(q, k, v)
         return run
-    if provider == "flash_attn":
-        from flash_attn import flash_attn_func
-        return lambda q, k, v, m: flash_attn_func(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    if provider in _peers.ATTENTION:
+        return _peers.ATTENTION[provider]
     raise KeyError(provider)
 
 
@@ -100,7 +94,9 @@ def test_bidirectional_attention(benchmark, device, dtype, provider, L, padded, 
     fn = attention_fn(provider, device)
     if fn is None:
         pytest.skip(f"{provider} cannot run on {device} here")
-    if padded and provider in ("sdpa_flash", "flash_attn"):
+    if provider == "flex" and L != LENGTHS[-1]:
+        pytest.skip("FlexAttention compiles per shape: measured at the longest length only")
+    if padded and provider in ("sdpa_flash", *_peers.ATTENTION_NO_MASK):
         pytest.skip(f"{provider} takes no key-padding mask")
     shape = CPU_SHAPE if device == "cpu" else GPU_SHAPE
     q, k, v, mask = make_inputs(device, dtype, L, padded, **shape, requires_grad=mode == "fwd_bwd")
@@ -117,7 +113,12 @@ def test_bidirectional_attention(benchmark, device, dtype, provider, L, padded, 
     flops = 4 * B * H * L * L * D * (2.5 if mode == "fwd_bwd" else 1.0)
     rounds = 3 if device == "cpu" and L >= 4096 else 10
     start = time.perf_counter()
-    step()
+    try:
+        step()
+    except (RuntimeError, ValueError) as e:  # a peer without a kernel for this case
+        if provider not in _peers.ATTENTION:
+            raise
+        pytest.skip(f"{provider} cannot run this case: {str(e).splitlines()[0]}")
     benchmark.group = f"attention {device} {str(dtype).removeprefix('torch.')} L={L} padded={padded} {mode}"
     benchmark.pedantic(step, rounds=rounds, iterations=iterations_for(time.perf_counter() - start),
                        warmup_rounds=1)

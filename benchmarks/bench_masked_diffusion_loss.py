@@ -10,7 +10,9 @@ Two comparisons, inputs noised as in pre-training (t ~ U(0, 1) per sequence):
   * fused form: llada_pretrain_loss(hidden, ..., lm_head_weight=W) against
     guidelines_pretrain_loss(hidden @ W.T, ...). Targets on CPU: >= 1.5x the speed and <= 25% of
     eager's peak memory.
-The baselines come from llada_kernels.reference.loss, so they never drift from the tests.
+The baselines come from llada_kernels.reference.loss, so they never drift from the tests. On CUDA
+the fused form also runs Liger's and Cut Cross-Entropy's fused linear cross-entropy where they
+import (benchmarks/_peers.py), on the same masked rows with the same 1 / p_mask weights.
 
 Everything a runner needs is importable: CASES, providers(), make_inputs(), step(),
 peak_memory(). Peak memory is the extra memory one forward + backward takes over its inputs:
@@ -34,6 +36,7 @@ import llada_kernels
 from llada_kernels import training
 from llada_kernels.reference.loss import guidelines_pretrain_loss
 
+import _peers
 from _common import machine
 
 # name -> (form, shape); logits shapes are (B, L, V), fused shapes (B, L, D, V).
@@ -81,6 +84,8 @@ def step(provider: str, inputs) -> None:
     if provider == "eager":
         logits = x if w is None else F.linear(x, w)
         loss = guidelines_pretrain_loss(logits, ids, masked, p_mask)
+    elif provider in _peers.FUSED_LOSS:
+        loss = _peers.fused_loss_step(provider, x, w, ids, masked, p_mask)
     else:
         loss = training.llada_pretrain_loss(x, ids, masked, p_mask, lm_head_weight=w, backend=provider)
     loss.backward()
@@ -129,8 +134,11 @@ def _peak_rss_child(provider: str, case: str) -> int:
 
 def _params():
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    def peers(d, c):  # Liger's and Cut Cross-Entropy's fused linear CE, where they import
+        return _peers.fused_loss_peers() if d == "cuda" and CASES[d][c][0] == "fused" else []
+
     return [pytest.param(d, c, p, id=f"{d}-{c}-{p}")
-            for d in devices for c in CASES[d] for p in providers(d)]
+            for d in devices for c in CASES[d] for p in providers(d) + peers(d, c)]
 
 
 @pytest.mark.parametrize("device, case, provider", _params())

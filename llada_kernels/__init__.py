@@ -4,12 +4,14 @@ Importing the package loads the compiled operators (torch.ops.llada.*) and regis
 Triton kernels and the fake (meta) implementations beside them.
 """
 
-from . import _backend
+from . import _backend, _versions
+
+_versions.check_installed()  # warns below the supported torch / Triton (_versions.py)
 
 try:
     from . import _C  # noqa: F401  (loads the TORCH_LIBRARY(llada) registrations)
-except ImportError as e:  # a source checkout that was never built
-    _backend._C_ERROR = str(e)
+except ImportError as e:  # a source checkout that was never built, or built for another torch
+    _backend._C_ERROR = _versions.explain_load_error(str(e))
 
 from .ops.remask import remask_step  # noqa: E402
 from .ops.loss import fused_linear_masked_diffusion_loss, masked_diffusion_loss  # noqa: E402

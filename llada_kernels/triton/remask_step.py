@@ -190,14 +190,12 @@ def _score_kernel(
             if HAS_CFG:
                 un = tl.load(urow + ids, mask=in_vocab, other=0.0).to(tl.float32)
                 z = un + cfg_weight * (z - un)
-            suppressed = ~in_vocab
-            zeroed = ~in_vocab
+            z = tl.where(in_vocab, z, NEG_INF)
+            c = z
             for i in range(n_special):
                 hit = ids == tl.load(special_ids_ptr + i)
-                suppressed = suppressed | (hit & (i < n_suppress))
-                zeroed = zeroed | hit
-            z = tl.where(suppressed, NEG_INF, z)
-            c = tl.where(zeroed, NEG_INF, z)
+                z = tl.where(hit & (i < n_suppress), NEG_INF, z)
+                c = tl.where(hit, NEG_INF, c)
 
             # x0: the first NaN, then the first +inf, apart; then a running argmax of the
             # finite choice logits (a later tile must be strictly better).

@@ -1,16 +1,16 @@
 """masked_diffusion_loss on CUDA tensors: the triton and cuda backends against the reference, with
-the CPU suite's tolerance rule. Skipped without a GPU."""
+the CPU suite's tolerance rule, and rows past 2^31 elements. Skipped without a GPU."""
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # before importing llada_kernels, which imports the Triton kernels
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+import llada_kernels  # noqa: F401
+from llada_kernels import fused_linear_masked_diffusion_loss, masked_diffusion_loss
+from llada_kernels.reference import loss as ref
 
-import llada_kernels  # noqa: E402,F401
-from llada_kernels import fused_linear_masked_diffusion_loss, masked_diffusion_loss  # noqa: E402
-from llada_kernels.reference import loss as ref  # noqa: E402
+from gpu_common import BIG_MEMORY, GPU
 
+pytestmark = GPU
 BACKENDS = ["triton", "cuda"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -70,3 +70,29 @@ def test_fused_form(backend, dtype):
     exact = run(ref.fused_linear_masked_diffusion_loss, hidden.double(), weight.double())
     for o, e, x in zip(out, eager, exact):
         assert_as_accurate(o, e, x)
+
+
+@BIG_MEMORY
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_offsets_beyond_int32(backend):
+    """[1, 17000, 126464] bf16 logits: 2.15e9 elements (4.3 GB), so the last rows start past
+    2^31. Only a few rows are masked, at both ends; each is checked against the reference on
+    its own rows."""
+    B, L, V = 1, 17000, 126464
+    assert B * L * V > 2**31
+    g = torch.Generator("cuda").manual_seed(0)
+    logits = torch.zeros(B, L, V, dtype=torch.bfloat16, device="cuda")
+    rows = torch.tensor([0, 1, L - 2, L - 1], device="cuda")
+    logits[0, rows] = (torch.randn(len(rows), V, device="cuda", generator=g) * 3).bfloat16()
+    targets = torch.randint(0, V, (B, L), device="cuda", generator=g)
+    is_masked = torch.zeros(B, L, dtype=torch.bool, device="cuda")
+    is_masked[0, rows] = True
+    p_mask = torch.tensor([0.37], device="cuda")
+    loss, grad = loss_and_grad(masked_diffusion_loss, logits, targets, is_masked, p_mask,
+                               backend=backend)
+    sub = (logits[:, rows], targets[:, rows], is_masked[:, rows], p_mask)
+    eager = loss_and_grad(ref.masked_diffusion_loss, *sub)
+    exact = loss_and_grad(ref.masked_diffusion_loss, sub[0].double(), *sub[1:3], p_mask.double())
+    assert_as_accurate(loss, eager[0], exact[0])
+    assert_as_accurate(grad[:, rows], eager[1], exact[1])
+    assert grad[0, 2:L - 2].count_nonzero() == 0

@@ -9,8 +9,9 @@ from llada_kernels import remask_step
 from test_remask_step import (MASK, MODES, SHAPES, chi2, CHI2_CRIT, make_inputs, rows,
                               tie_free)
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+from gpu_common import BIG_MEMORY, GPU
+
+pytestmark = GPU
 GPU_BACKENDS = ["triton", "cuda"]
 CUDA = torch.device("cuda")
 
@@ -69,6 +70,7 @@ def test_every_device_draws_the_same_noise():
     assert torch.equal(torch.ops.llada.remask_step_triton(*args(CUDA))[0].cpu(), cpu)
 
 
+@BIG_MEMORY
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_offsets_beyond_int32(backend):
     V = 716_000_000  # 3 rows x V > 2^31 elements, 4.3 GB of bf16
