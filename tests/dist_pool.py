@@ -131,7 +131,12 @@ def _session_pool():
 
 @pytest.fixture
 def pool(_session_pool):
-    """The session's worker pool; restarted after a failed task or a lost process."""
+    """The session's worker pool; restarted after a failed task or a lost process. Skips the
+    test where torch.distributed or its gloo backend is not built."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available")
     global _pool
     if _pool is None or _pool.broken or not all(p.is_alive() for p in _pool.procs):
         if _pool is not None:
