@@ -31,16 +31,26 @@ def batch(rank):
     return ids, torch.tensor([3, 5 + rank]), 7 + rank
 
 
+def logits_loss(model, input_ids, *, generator):
+    """A loss of the caller's own (any callable taking the model first): the pre-training loss
+    from the model's full logits (model.forward), as a block-diffusion loss would be passed."""
+    noisy, masked, p_mask = training.forward_process(input_ids, mask_id=MASK, generator=generator)
+    return training.llada_pretrain_loss(model(noisy).logits, input_ids, masked, p_mask)
+
+
+LOSS = {"pretrain": "pretrain", "sft": "sft", "callable": logits_loss}
+
+
 def loss_args(kind, rank):
     ids, prompt_lengths, seed = batch(rank)
-    args = (ids,) if kind == "pretrain" else (ids, prompt_lengths)
+    args = (ids, prompt_lengths) if kind == "sft" else (ids,)
     return args, dict(generator=torch.Generator().manual_seed(seed))
 
 
 def single_process(kind, world=2):
     """The losses of each rank's micro-batch and the gradients of their mean, in one process."""
     model = make_model()
-    losses = [TrainingLoss(model, kind)(*a, **k) for a, k in (loss_args(kind, r) for r in range(world))]
+    losses = [TrainingLoss(model, LOSS[kind])(*a, **k) for a, k in (loss_args(kind, r) for r in range(world))]
     (sum(losses) / world).backward()
     return [x.item() for x in losses], {n: p.grad for n, p in model.named_parameters()}
 
@@ -59,9 +69,9 @@ def check_step(ctx, wrapper, kind):
     model = make_model()
     calls = count_block_calls(model)
     if wrapper == "ddp":
-        step = wrap_ddp(model, kind, process_group=ctx.pair)
+        step = wrap_ddp(model, LOSS[kind], process_group=ctx.pair)
     else:
-        step = wrap_fsdp2(model, kind, group=ctx.pair)
+        step = wrap_fsdp2(model, LOSS[kind], group=ctx.pair)
     args, kw = loss_args(kind, ctx.rank)
     loss = step(*args, **kw)
     loss.backward()
@@ -82,8 +92,9 @@ def check_step(ctx, wrapper, kind):
     return loss.item()
 
 
-@pytest.mark.parametrize("wrapper, kind", [("ddp", "pretrain"), ("ddp", "sft"),
-                                           ("fsdp2", "pretrain"), ("fsdp2", "sft")])
+@pytest.mark.parametrize("wrapper, kind", [("ddp", "pretrain"), ("ddp", "sft"), ("ddp", "callable"),
+                                           ("fsdp2", "pretrain"), ("fsdp2", "sft"),
+                                           ("fsdp2", "callable")])
 def test_gradients_equal_single_process(pool, wrapper, kind):
     results = pool.run(check_step, wrapper, kind)
     assert results[2] is None and results[0] != results[1]  # two different micro-batches
