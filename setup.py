@@ -12,6 +12,10 @@ Environment:
 
 CUDA kernels are built whenever the toolchain can build them (nvcc is found and torch is a
 CUDA build). Whether this machine has a GPU plays no part.
+
+The CPU kernels (every csrc/cpu/*.cpp) are compiled once per CPU capability, DEFAULT, AVX2 and
+AVX512 on x86-64 (DEFAULT elsewhere), into the one library; the copy that runs is chosen when it
+loads (csrc/isa.h). The machine that builds plays no part either: the wheel runs on any x86-64.
 """
 
 import os
@@ -29,10 +33,52 @@ DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 VERSIONS = runpy.run_path(str(ROOT / "llada_kernels" / "_versions.py"))
 
 
+# The flags of each CPU capability, as ATen compiles its own kernels (CMakeLists.txt has the same
+# table). The DEFAULT copy comes first: it is linked first (see csrc/isa.h).
+ISA_FLAGS = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+}
+
+
 def _sources():
     """The one source list, shared with CMakeLists.txt."""
     lines = (ROOT / "csrc" / "SOURCES").read_text().splitlines()
     return [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
+
+
+def _is_cpu_kernel(path):
+    """Files under csrc/cpu/ are compiled once per CPU capability."""
+    return path.startswith("csrc/cpu/") and path.endswith(".cpp")
+
+
+def _capabilities():
+    return list(ISA_FLAGS) if os.uname().machine in ("x86_64", "AMD64") else ["DEFAULT"]
+
+
+def _build_ext_class(base):
+    class BuildExtension(base):
+        """torch's BuildExtension, plus one compile of the CPU kernel files per capability, each
+        into its own folder with its own flags; the objects are linked after the other sources,
+        DEFAULT first."""
+
+        def build_extension(self, ext):
+            kernels = getattr(ext, "llada_cpu_kernels", [])
+            if kernels:
+                objects = []
+                for cap in _capabilities():
+                    flags = [f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}", *ISA_FLAGS[cap]]
+                    args = dict(ext.extra_compile_args)
+                    args["cxx"] = list(args["cxx"]) + flags
+                    objects += self.compiler.compile(
+                        kernels, output_dir=os.path.join(self.build_temp, f"isa_{cap}"),
+                        macros=ext.define_macros, include_dirs=ext.include_dirs,
+                        debug=self.debug, extra_postargs=args, depends=ext.depends)
+                ext.extra_objects = objects + [o for o in ext.extra_objects if o not in objects]
+            super().build_extension(ext)
+
+    return BuildExtension
 
 
 def _find_cuda_home():
@@ -75,10 +121,9 @@ def _extension():
 
     with_cuda = cuda_home is not None and torch.version.cuda is not None
     sources = [s for s in _sources() if with_cuda or not s.endswith(".cu")]
+    kernels = [s for s in sources if _is_cpu_kernel(s)]
+    sources = [s for s in sources if not _is_cpu_kernel(s)]
     cxx = ["-O3", "-std=c++20", "-DLLADA_BUILD_PYTHON_MODULE", "-fopenmp"]
-    # Triton-free C++ kernels vectorise through ATen's Vectorized<T>, which needs these.
-    cxx += ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"] \
-        if os.uname().machine == "x86_64" else []
     # ptxas -Werror with -warn-spills: a register spill in any kernel fails the build.
     nvcc = ["-O3", "-std=c++20", "-lineinfo", "-DLLADA_WITH_CUDA",
             "--expt-relaxed-constexpr", "-Xptxas=-warn-spills", "-Xptxas=-Werror"]
@@ -92,9 +137,11 @@ def _extension():
         py_limited_api=True,
     )
     ext = CUDAExtension(**kwargs) if with_cuda else CppExtension(**kwargs)
+    ext.llada_cpu_kernels = kernels
     print(f"llada_kernels: building {'CPU + CUDA' if with_cuda else 'CPU only'} kernels"
-          + (f" for {os.environ['TORCH_CUDA_ARCH_LIST']} (CUDA_HOME={cuda_home})" if with_cuda else ""))
-    return ext, BuildExtension.with_options(use_ninja=True)
+          + (f" for {os.environ['TORCH_CUDA_ARCH_LIST']} (CUDA_HOME={cuda_home})" if with_cuda else "")
+          + f"; CPU kernels for {', '.join(_capabilities())}")
+    return ext, _build_ext_class(BuildExtension).with_options(use_ninja=True)
 
 
 ext, build_ext = _extension()

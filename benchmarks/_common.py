@@ -1,5 +1,6 @@
 """What every benchmark shares: devices, timing through pytest-benchmark, peak memory, and the
-extra fields that benchmarks/run.py turns into CSV columns.
+extra fields that benchmarks/run.py turns into CSV columns (every row names its machine and the
+instruction sets its code ran with: machine() and isa()).
 
 A benchmark calls `measure(benchmark, fn, provider=..., ...)`. Timing is pytest-benchmark's;
 peak extra memory is measured in one separate call of fn:
@@ -56,18 +57,50 @@ def peak_extra_bytes(fn, device) -> int | None:
         return None
 
 
-def machine(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
+    info = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
+            if not line.strip():
                 break
+            key, _, value = line.partition(":")
+            info[key.strip()] = value.strip()
     except OSError:
         pass
-    return f"{model}, {os.cpu_count()} cores"
+    return info
+
+
+def cpu_features(flags: set[str]) -> str:
+    """The vector instruction sets a CPU has that matter here, best first."""
+    names = [("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"),
+             ("avx2", "AVX2"), ("sse4_2", "SSE4.2")]
+    have = [name for flag, name in names if flag in flags]
+    return "+".join(have[:2]) if have else platform.machine()
+
+
+def machine(device) -> str:
+    """The machine a row was measured on: for CPU rows the model name, family and model (VMs
+    often hide the name: "AMD EPYC" is both a Zen 1 and a Zen 5), the vector instruction sets and
+    the core count, e.g. "AMD EPYC (family 26 model 2), AVX512-BF16+AVX512, 2 cores"."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    info = _cpuinfo()
+    model = info.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in info and "model" in info:
+        model += f" (family {info['cpu family']} model {info['model']})"
+    return f"{model}, {cpu_features(set(info.get('flags', '').split()))}, {os.cpu_count()} cores"
+
+
+def isa(device) -> str:
+    """The instruction sets the row's code ran with: llada's CPU kernels and ATen's (SDPA, eager
+    math), e.g. "llada AVX512, ATen AVX512". Empty for CUDA rows."""
+    if device.type != "cpu":
+        return ""
+    import llada_kernels
+
+    return (f"llada {llada_kernels.cpu_capability() or 'none'}, "
+            f"ATen {torch.backends.cpu.get_cpu_capability()}")
 
 
 def iterations_for(seconds: float, round_s: float = 0.05) -> int:
@@ -95,5 +128,5 @@ def measure(benchmark, fn, *, op, provider, shape, dtype, device, bytes=None, fl
     benchmark.extra_info.update(
         op=op, provider=provider, shape=shape, dtype=str(dtype).removeprefix("torch."),
         device=device.type, bytes=bytes, flops=flops, peak_extra_bytes=peak,
-        machine=machine(device))
+        machine=machine(device), isa=isa(device))
     benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=iterations_for(elapsed))

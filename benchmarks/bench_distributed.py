@@ -165,21 +165,6 @@ def _measure(rank, port, queue):
     dist.destroy_process_group()
 
 
-def _isa():
-    """CPU family/model and the widest x86 vector ISA, from /proc/cpuinfo."""
-    info = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())
-    except OSError:
-        return "unknown ISA"
-    flags = set(info.get("flags", "").split())
-    isa = next((name for name, flag in (("AVX-512", "avx512f"), ("AVX2", "avx2")) if flag in flags),
-               "no AVX2")
-    return f"family {info.get('cpu family', '?')} model {info.get('model', '?')}, {isa}"
-
-
 def _kib(n):
     return f"{n / 1024:.1f} KiB" if n < 2**20 else f"{n / 2**20:.1f} MiB"
 
@@ -187,7 +172,7 @@ def _kib(n):
 def main():
     sys.path.insert(0, str(HERE))
     import run  # benchmarks/run.py: the CSV's columns and merge
-    from _common import machine
+    from _common import isa, machine
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -202,14 +187,15 @@ def main():
         p.join()
     if isinstance(rows, str):
         raise RuntimeError(f"a rank failed:\n{rows}")
-    where = f"{machine(torch.device('cpu'))} ({_isa()}), gloo, {W} processes x 1 thread"
+    cpu = torch.device("cpu")
     for r in rows:
         print(f"{r['op']:24s} {r['provider']:18s} {r['shape']:55s} "
               f"{r['median_ms']:9.2f} ms  (p20 {r['p20_ms']:.2f}, p80 {r['p80_ms']:.2f})")
         r.update(gb_per_s=None, tflop_per_s=None, peak_extra_mb=None, speedup_vs_eager=None,
-                 machine=where)
+                 speedup_vs_sdpa=None, note=f"gloo, {W} processes x 1 thread",
+                 machine=machine(cpu), isa=isa(cpu))
         del r["sent_bytes"]
-    print(where)
+    print(machine(cpu), isa(cpu))
     path = run.RESULTS / "results.csv"
     merged = run.merge(rows, path)
     run.write_csv(merged, path)

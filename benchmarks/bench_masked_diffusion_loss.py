@@ -37,7 +37,7 @@ from llada_kernels import training
 from llada_kernels.reference.loss import guidelines_pretrain_loss
 
 import _peers
-from _common import machine
+from _common import isa, machine
 
 # name -> (form, shape); logits shapes are (B, L, V), fused shapes (B, L, D, V).
 CASES = {
@@ -45,7 +45,9 @@ CASES = {
         "logits-B2xL256xV32000": ("logits", (2, 256, 32000)),
         "logits-B1xL64xV126464": ("logits", (1, 64, 126464)),
         "fused-B2xL512xD256xV32000": ("fused", (2, 512, 256, 32000)),
+        "fused-B2xL1024xD512xV32000": ("fused", (2, 1024, 512, 32000)),
         "fused-B1xL512xD64xV126464": ("fused", (1, 512, 64, 126464)),
+        "fused-B1xL512xD256xV126464": ("fused", (1, 512, 256, 126464)),
     },
     "cuda": {
         "logits-B4xL4096xV126464-bf16": ("logits", (4, 4096, 126464)),
@@ -153,7 +155,7 @@ def test_masked_diffusion_loss(benchmark, device, case, provider):
     benchmark.group = f"{device}-{case}"
     benchmark.extra_info.update(op=f"masked_diffusion_loss[{CASES[device][case][0]}]", provider=provider,
                                 shape=case, device=device, dtype=str(DTYPE[device]).removeprefix("torch."),
-                                machine=machine(torch.device(device)))
+                                machine=machine(torch.device(device)), isa=isa(torch.device(device)))
     benchmark.pedantic(run, warmup_rounds=1, rounds=5 if device == "cpu" else 20)
     if CASES[device][case][0] == "fused":
         benchmark.extra_info["peak_extra_bytes"] = peak_memory(provider, case, device)

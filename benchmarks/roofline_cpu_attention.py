@@ -62,8 +62,8 @@ def main():
         t_qk = median_ms(lambda: q @ kt, reps)
         t_sm = median_ms(lambda: torch.softmax(s * D ** -0.5 + bias, -1), reps)
         t_pv = median_ms(lambda: p @ v, reps)
-        t_eager = median_ms(lambda: lk.bidirectional_attention(q, k, v, mask, backend="reference"), reps)
-        t_ours = median_ms(lambda: lk.bidirectional_attention(q, k, v, mask, backend="cpu"), reps)
+        t_eager = median_ms(lambda: lk.attention(q, k, v, key_padding_mask=mask, backend="reference"), reps)
+        t_ours = median_ms(lambda: lk.attention(q, k, v, key_padding_mask=mask, backend="cpu"), reps)
         gemm_flops = 2 * B * H * L * L * D
         print(f"{L} | {t_eager:.1f} ({t_qk:.1f} / {t_sm:.1f} / {t_pv:.1f}) | "
               f"{gemm_flops / t_qk / 1e6:.0f} / {gemm_flops / t_pv / 1e6:.0f} | "

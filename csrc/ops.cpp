@@ -11,6 +11,8 @@
 
 #include <torch/library.h>
 
+#include "isa.h"
+
 TORCH_LIBRARY(llada, m) {
   // One LLaDA sampling step: choose x0 per masked position (argmax, or Gumbel-max at
   // temperature > 0), score it, and commit the top num_transfer[b] candidates of each row.
@@ -115,33 +117,47 @@ TORCH_LIBRARY(llada, m) {
         "Tensor targets, Tensor weights, int chunk_size, str backend, bool compute_grad) -> "
         "(Tensor loss, Tensor ce, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 
-  // Non-causal (bidirectional) attention with a key-padding mask and grouped KV heads.
+  // Attention with a structured mask (bidirectional, key padding, block-causal, packed
+  // documents, the 2L block-diffusion mask), described by O(L) int32 vectors:
   //   q                 [B, Hq, Lq, D]  fp32 (CPU only) / bf16 / fp16, unit stride along D
   //   k, v              [B, Hkv, Lk, D] same dtype, unit stride along D; Hq % Hkv == 0, and
   //                     query head h reads KV head h / (Hq / Hkv)
-  //   key_padding_mask  [B, Lk] bool, contiguous, True = attend; None attends every key
-  //   scale             the softmax scale (the public op defaults it to 1 / sqrt(D))
+  //   q_mask            [B, 2, Lq] int32 contiguous (doc, level) per query, or None
+  //   k_mask            [B, 3, Lk] int32 contiguous (doc, lo, hi) per key, or None
+  //                     query i sees key j iff doc_q(i) == doc_k(j) and lo(j) <= level(i) <= hi(j);
+  //                     both None: every key is seen. Built by llada_kernels/masks.py.
+  //   scale             the softmax scale
   // Returns out [B, Hq, Lq, D] (q's dtype, contiguous) and lse [B, Hq, Lq] fp32, the natural
-  // log-sum-exp of each row's scaled, masked scores. A row with no key to attend has out = 0
-  // and lse = +inf, so that the backward's exp(s - lse) is 0 there.
-#define BIDIRECTIONAL_ATTENTION_FWD_SCHEMA                                                    \
-  "(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale) "                    \
+  // log-sum-exp of each row's scaled, visible scores. A row that sees no key has out = 0 and
+  // lse = +inf, so that the backward's exp(s - lse) is 0 there.
+#define ATTENTION_FWD_SCHEMA                                                                  \
+  "(Tensor q, Tensor k, Tensor v, Tensor? q_mask, Tensor? k_mask, float scale) "              \
   "-> (Tensor out, Tensor lse)"
-  m.def("bidirectional_attention_fwd" BIDIRECTIONAL_ATTENTION_FWD_SCHEMA);
-  m.def("bidirectional_attention_fwd_triton" BIDIRECTIONAL_ATTENTION_FWD_SCHEMA);
-#undef BIDIRECTIONAL_ATTENTION_FWD_SCHEMA
+  m.def("attention_fwd" ATTENTION_FWD_SCHEMA);
+  m.def("attention_fwd_triton" ATTENTION_FWD_SCHEMA);
+#undef ATTENTION_FWD_SCHEMA
 
   // Its backward, recomputing the probabilities from lse (the forward's outputs).
   //   grad_out  [B, Hq, Lq, D], unit stride along D; out [B, Hq, Lq, D]; lse [B, Hq, Lq] fp32
-  //   q, k, v, key_padding_mask, scale as in the forward
+  //   q, k, v, q_mask, k_mask, scale as in the forward
   // Returns dq [B, Hq, Lq, D] and dk, dv [B, Hkv, Lk, D] (summed over each group's query
-  // heads), contiguous, in q's dtype.
-#define BIDIRECTIONAL_ATTENTION_BWD_SCHEMA                                                    \
-  "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor out, "    \
-  "Tensor lse, float scale) -> (Tensor dq, Tensor dk, Tensor dv)"
-  m.def("bidirectional_attention_bwd" BIDIRECTIONAL_ATTENTION_BWD_SCHEMA);
-  m.def("bidirectional_attention_bwd_triton" BIDIRECTIONAL_ATTENTION_BWD_SCHEMA);
-#undef BIDIRECTIONAL_ATTENTION_BWD_SCHEMA
+  // heads), contiguous, in q's dtype. Tiles the mask removes are never computed.
+#define ATTENTION_BWD_SCHEMA                                                                  \
+  "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? q_mask, Tensor? k_mask, "          \
+  "Tensor out, Tensor lse, float scale) -> (Tensor dq, Tensor dk, Tensor dv)"
+  m.def("attention_bwd" ATTENTION_BWD_SCHEMA);
+  m.def("attention_bwd_triton" ATTENTION_BWD_SCHEMA);
+#undef ATTENTION_BWD_SCHEMA
+
+  // The instruction set of the CPU kernels (csrc/isa.h). Every CPU kernel is compiled for
+  // DEFAULT, AVX2 and AVX512 (x86-64; DEFAULT elsewhere), and the best that this CPU supports is
+  // used, or a lower one named by the environment variable LLADA_CPU_CAPABILITY.
+  //   cpu_capabilities()  the capabilities this CPU and this build support, lowest first
+  //   cpu_capability(force)  the one in use; with force, switches every CPU kernel to it first
+  //                       (a test hook: it must be one of cpu_capabilities())
+  // No tensor arguments: the kernels are registered with the schemas (catch-all).
+  m.def("cpu_capabilities() -> str[]", &llada::isa::capabilities_op);
+  m.def("cpu_capability(str? force=None) -> str", &llada::isa::capability_op);
 
   // Test hook for the noise contract shared by every backend (csrc/common/random.h):
   // maps raw 64-bit Philox words [N] int64 to standard Gumbel noise [N] fp32.

@@ -15,9 +15,11 @@ except ImportError as e:  # a source checkout that was never built, or built for
 
 from .ops.remask import remask_step  # noqa: E402
 from .ops.loss import fused_linear_masked_diffusion_loss, masked_diffusion_loss  # noqa: E402
-from .ops.attention import bidirectional_attention  # noqa: E402
+from .ops.attention import attention, bidirectional_attention  # noqa: E402
+from . import masks  # noqa: E402
 
 if _backend._C_ERROR is None:
+    _backend.check_cpu_capability_env()
     from .ops import remask as _remask
 
     _remask.register_fakes()
@@ -31,8 +33,10 @@ if _backend._C_ERROR is None:
         from .triton import masked_diffusion_loss as _triton_loss  # noqa: F401
         from .triton import bidirectional_attention as _triton_attention  # noqa: F401
 
-from ._backend import BackendUnavailable, available_backends  # noqa: E402
+from ._backend import (BackendUnavailable, available_backends, cpu_capabilities,  # noqa: E402
+                       cpu_capability)
 
 __all__ = ["remask_step", "masked_diffusion_loss", "fused_linear_masked_diffusion_loss",
-           "bidirectional_attention", "available_backends", "BackendUnavailable"]
+           "attention", "masks", "bidirectional_attention", "available_backends",
+           "BackendUnavailable", "cpu_capability", "cpu_capabilities"]
 __version__ = "0.1.0"

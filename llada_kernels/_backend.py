@@ -14,6 +14,11 @@ the Triton interpreter) and whose compiled code CI inspects for sm_80 and sm_90;
 kernels compile in CI but have not yet run on a GPU. See the support matrix in README.md.
 
 A backend that cannot run the call raises BackendUnavailable. Nothing falls back silently.
+
+The C++ CPU kernels are compiled for several instruction sets (csrc/isa.h): DEFAULT (any x86-64
+or other CPU), AVX2 and AVX512. The best one this CPU supports runs, or a lower one named by the
+environment variable LLADA_CPU_CAPABILITY (read when the first CPU kernel runs);
+cpu_capability() says which.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ BACKENDS = ("reference", "cpu", "triton", "cuda")
 ENV_VAR = "LLADA_BACKEND"
 
 _C_ERROR: str | None = None  # why llada_kernels._C failed to load, if it did
+CPU_CAPABILITY_ENV = "LLADA_CPU_CAPABILITY"
+CPU_CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")
 
 
 class BackendUnavailable(RuntimeError):
@@ -104,3 +111,31 @@ def available_backends(op: str, device: torch.device | str) -> list[str]:
     """The backends that can run `op` on `device` in this process."""
     device = torch.device(device)
     return [b for b in BACKENDS if _unavailable(op, b, device) is None]
+
+
+def cpu_capability() -> str | None:
+    """The instruction set the C++ CPU kernels run with: "DEFAULT", "AVX2" or "AVX512" (the best
+    this CPU supports, or the lower one named by LLADA_CPU_CAPABILITY). None when
+    llada_kernels._C did not load."""
+    return None if _C_ERROR is not None else torch.ops.llada.cpu_capability()
+
+
+def cpu_capabilities() -> list[str]:
+    """The instruction sets this CPU and this build support, lowest first ([] without _C)."""
+    return [] if _C_ERROR is not None else list(torch.ops.llada.cpu_capabilities())
+
+
+def check_cpu_capability_env() -> None:
+    """LLADA_CPU_CAPABILITY, checked when the package is imported: a name that is not a
+    capability is a ValueError; one this CPU lacks gives a warning (the best it has is used)."""
+    value = os.environ.get(CPU_CAPABILITY_ENV)
+    if not value or _C_ERROR is not None:
+        return
+    if value.upper() not in CPU_CAPABILITIES:
+        raise ValueError(f"{CPU_CAPABILITY_ENV} must be one of {', '.join(CPU_CAPABILITIES)}; "
+                         f"got {value!r}")
+    supported = cpu_capabilities()
+    if value.upper() not in supported:
+        import warnings
+        warnings.warn(f"{CPU_CAPABILITY_ENV}={value}: this CPU supports {', '.join(supported)}; "
+                      f"the CPU kernels use {supported[-1]}", RuntimeWarning, stacklevel=3)

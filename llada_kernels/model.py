@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from . import checkpoint as ckpt
 from ._checks import check_index, values_checked
 from .constants import EOS_ID, MASK_ID, VOCAB_SIZE
-from .ops.attention import bidirectional_attention
+from .ops.attention import attention
 
 # Released config fields that name an architecture choice, with the value this model
 # implements (LLaDA-8B's). A config asking for anything else is refused rather than silently
@@ -276,7 +276,7 @@ class LLaDABlock(nn.Module):
         Lq = x.shape[1]
         q = self.q_proj(n).view(B, Lq, self.n_heads, self.head_dim).transpose(1, 2)   # [B, H, Lq, Dh]
         q = apply_rope(q, cos, sin)
-        a = bidirectional_attention(q, k, v, key_mask, backend=backend)                   # [B, H, Lq, Dh]
+        a = attention(q, k, v, key_padding_mask=key_mask, backend=backend)               # [B, H, Lq, Dh]
         a = a.transpose(1, 2).reshape(B, Lq, D)
         if rows is not None and not isinstance(rows, slice) and rows.dtype == torch.bool:
             x, a = x[rows], a[rows]                                                     # [N, D]

@@ -16,7 +16,7 @@ from . import ops
 
 
 def patch_llada(model, *, backend=None):
-    """Run a released LLaDA model's attention on `bidirectional_attention`. In place; returns
+    """Run a released LLaDA model's attention on `llada_kernels.attention`. In place; returns
     the model.
 
     Every block of a model built by LLaDA's `modeling_llada.py` computes attention in
@@ -49,7 +49,7 @@ def _patched_sdpa(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False)
     if is_causal or (dropout_p > 0 and self.training) or key_mask is False:
         return self._llada_original_sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                          is_causal=is_causal)
-    return ops.attention.bidirectional_attention(q, k, v, key_mask, backend=self._llada_backend)
+    return ops.attention.attention(q, k, v, key_padding_mask=key_mask, backend=self._llada_backend)
 
 
 def _key_padding_mask(attn_mask, B, Lk):

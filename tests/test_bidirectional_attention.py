@@ -1,4 +1,6 @@
-"""bidirectional_attention: the reference against SDPA, then every backend against the reference.
+"""attention with key padding (LLaDA's bidirectional attention; `bidirectional_attention` is
+its deprecated name): the reference against SDPA, then every backend against the reference.
+Structured masks (block-causal, documents, the 2L mask) are in test_attention_masks.py.
 
 Tolerance (FlashAttention's rule): a kernel's max error against the fp64 truth is at most twice
 the error of eager PyTorch in the same dtype (the reference run in that dtype), plus a floor
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import llada_kernels as lk
-from llada_kernels import _backend
+from llada_kernels import _backend, masks
 from llada_kernels.reference import attention as ref
 
 FLOOR = {torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
@@ -78,7 +80,7 @@ def max_err(a, b):
 
 def fwd_bwd(q, k, v, mask, grad, **kw):
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-    out = lk.bidirectional_attention(q, k, v, mask, **kw)
+    out = lk.attention(q, k, v, key_padding_mask=mask, **kw)
     out.backward(grad)
     return out.detach(), q.grad, k.grad, v.grad
 
@@ -139,8 +141,17 @@ def test_reference_gradients_zero_on_empty_rows():
 
 # ---- the C++ CPU kernels ------------------------------------------------------------------
 
-needs_cpu = pytest.mark.skipif("cpu" not in lk.available_backends("bidirectional_attention_fwd", "cpu"),
+# The CPU kernel implements the structured-mask schema (llada::attention_fwd); the public op
+# turns the key-padding mask into its vectors (masks.key_padding).
+needs_cpu = pytest.mark.skipif("cpu" not in lk.available_backends("attention_fwd", "cpu"),
                                reason="llada_kernels._C has no CPU kernel")
+
+
+def padding_masks(key_padding_mask, Lq):
+    """(q_mask, k_mask) of a [B, Lk] key-padding mask, or (None, None)."""
+    if key_padding_mask is None:
+        return None, None
+    return masks.key_padding(key_padding_mask, Lq).tensors(key_padding_mask.shape[0])
 
 
 @needs_cpu
@@ -181,7 +192,7 @@ def test_cpu_backward_key_chunks(threads, kind):
 def test_cpu_lse_and_scale():
     q, k, v, gen = make_inputs(2, 4, 2, 17, 70, 32, torch.float32)
     mask = make_mask("empty_row", 2, 70, gen)
-    out, lse = torch.ops.llada.bidirectional_attention_fwd(q, k, v, mask, 0.3)
+    out, lse = torch.ops.llada.attention_fwd(q, k, v, *padding_masks(mask, 17), 0.3)
     r_out, r_lse = ref.bidirectional_attention(q.double(), k.double(), v.double(), mask, 0.3,
                                                return_lse=True)
     torch.testing.assert_close(out, r_out.float(), rtol=0, atol=2e-6)
@@ -204,7 +215,7 @@ def test_opcheck(masked):
     q, k, v, gen = make_inputs(2, 4, 2, 9, 13, 16, torch.float32)
     mask = make_mask("empty_row", 2, 13, gen) if masked else None
     q, k, v = (x.requires_grad_() for x in (q, k, v))
-    torch.library.opcheck(torch.ops.llada.bidirectional_attention_fwd, (q, k, v, mask, 0.25))
+    torch.library.opcheck(torch.ops.llada.attention_fwd, (q, k, v, *padding_masks(mask, 9), 0.25))
 
 
 @needs_cpu
@@ -213,7 +224,7 @@ def test_torch_compile_fullgraph():
     mask = make_mask("empty_row", 2, 13, gen)
 
     def loss(q, k, v):
-        return (lk.bidirectional_attention(q, k, v, mask, backend="cpu") ** 2).sum()
+        return (lk.attention(q, k, v, key_padding_mask=mask, backend="cpu") ** 2).sum()
 
     compiled = torch.compile(loss, fullgraph=True, backend="inductor")
     args = [x.clone().requires_grad_() for x in (q, k, v)]
@@ -226,9 +237,9 @@ def test_torch_compile_fullgraph():
 
 # ---- argument checks ----------------------------------------------------------------------
 
-def _bad(msg, *args, exc=ValueError, **kw):
+def _bad(msg, q, k, v, key_padding_mask=None, exc=ValueError, **kw):
     with pytest.raises(exc, match=msg):
-        lk.bidirectional_attention(*args, **kw)
+        lk.attention(q, k, v, key_padding_mask=key_padding_mask, **kw)
 
 
 def test_bad_inputs():
@@ -251,7 +262,7 @@ def test_bad_inputs():
 def test_bad_head_dim_for_backend():
     q, k, v, _ = make_inputs(1, 1, 1, 3, 3, 300, torch.float32)
     _bad(r"head dimension D must be one of .* on the cpu backend; got 300", q, k, v, backend="cpu")
-    lk.bidirectional_attention(q, k, v, backend="reference")  # the reference runs any D
+    lk.attention(q, k, v, backend="reference")  # the reference runs any D
 
 
 # ---- Triton (interpreter on CPU tensors, or a GPU) ----------------------------------------
@@ -271,7 +282,7 @@ def _triton_device():
 
 
 needs_triton = pytest.mark.skipif(
-    "triton" not in lk.available_backends("bidirectional_attention_fwd", _triton_device()),
+    "triton" not in lk.available_backends("attention_fwd", _triton_device()),
     reason="Triton needs a GPU or TRITON_INTERPRET=1")
 
 
@@ -296,9 +307,9 @@ def test_triton_non_contiguous(layout):
 @needs_triton
 def test_triton_opcheck():
     q, k, v, gen = make_inputs(1, 2, 1, 9, 13, 16, torch.float16, _triton_device())
-    mask = make_mask("some", 1, 13, gen).to(q.device)
+    qm, km = masks.key_padding(make_mask("some", 1, 13, gen), 9).to(q.device).tensors(1)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
-    torch.library.opcheck(torch.ops.llada.bidirectional_attention_fwd_triton, (q, k, v, mask, 0.25))
+    torch.library.opcheck(torch.ops.llada.attention_fwd_triton, (q, k, v, qm, km, 0.25))
 
 
 @pytest.mark.triton
@@ -316,7 +327,7 @@ def test_triton_rejects_unsupported():
 
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available()
-    or "cuda" not in lk.available_backends("bidirectional_attention_fwd", "cuda"),
+    or "cuda" not in lk.available_backends("attention_fwd", "cuda"),
     reason="needs a GPU and a build with CUDA kernels")
 
 CUDA_CASES = CASES[2:6] + [(2, 8, 2, 300, 1000, 128, "left_pad"), (1, 4, 4, 1, 4096, 64, "some")]

@@ -38,14 +38,15 @@ def test_every_source_file_is_listed_once():
 
 def test_compiled_library_loaded():
     assert _backend._C_ERROR is None, _backend._C_ERROR
-    assert _backend.has_kernel("remask_step", "CPU")
+    for op in ("remask_step", "masked_diffusion_loss", "attention_fwd", "attention_bwd"):
+        assert _backend.has_kernel(op, "CPU"), f"llada::{op} has no CPU kernel in this build"
 
 
 @pytest.mark.skipif(os.environ.get("LLADA_EXPECT_CUDA") != "1",
                     reason="set LLADA_EXPECT_CUDA=1 where the build must include CUDA (CI does)")
 def test_cuda_kernels_built():
     assert torch.version.cuda is not None
-    for op in ("remask_step", "gumbel_from_bits"):
+    for op in ("remask_step", "gumbel_from_bits", "attention_fwd", "attention_bwd"):
         assert _backend.has_kernel(op, "CUDA"), f"llada::{op} has no CUDA kernel in this build"
 
 

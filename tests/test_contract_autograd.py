@@ -2,7 +2,7 @@
 
 * second derivatives (create_graph=True) are exact for masked_diffusion_loss and refused with
   a clear error, naming the op and how to get them, by the fused form and by
-  bidirectional_attention's compiled backends (never silently zero or missing);
+  attention's compiled backends (never silently zero or missing);
 * a p_mask that requires grad gets d loss / d p_mask = -CE / p_mask^2 (summed over L for a [B]
   p_mask) from both loss forms.
 """
@@ -10,7 +10,7 @@
 import pytest
 import torch
 
-from llada_kernels import bidirectional_attention, fused_linear_masked_diffusion_loss, masked_diffusion_loss
+from llada_kernels import attention, fused_linear_masked_diffusion_loss, masked_diffusion_loss
 
 from conftest import KERNEL_BACKENDS
 
@@ -90,18 +90,18 @@ ATTENTION = [pytest.param("cpu", torch.float32, id="cpu"),
 def test_attention_refuses_double_backward(backend, dtype):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 5, 16, generator=g).to(dtype).requires_grad_() for _ in range(3))
-    out = bidirectional_attention(q, k, v, backend=backend)
-    with pytest.raises(RuntimeError, match=r"bidirectional_attention: double backward "
+    out = attention(q, k, v, backend=backend)
+    with pytest.raises(RuntimeError, match=r"attention: double backward "
                                            r"\(create_graph=True\) is not supported.*backend='reference'"):
         torch.autograd.grad(out.square().sum(), (q, k, v), create_graph=True)
-    out = bidirectional_attention(q, k, v, backend=backend)  # a plain backward still works
+    out = attention(q, k, v, backend=backend)  # a plain backward still works
     assert all(t.abs().sum() > 0 for t in torch.autograd.grad(out.square().sum(), (q, k, v)))
 
 
 def test_attention_reference_has_second_derivatives():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 3, 4, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
-    assert torch.autograd.gradgradcheck(lambda *t: bidirectional_attention(*t, backend="reference"), (q, k, v))
+    assert torch.autograd.gradgradcheck(lambda *t: attention(*t, backend="reference"), (q, k, v))
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The CUDA C++ kernels, run on CPU tensors through the host emulation (csrc/emu), against the
 references: every kernel and entry point, forward and backward, every dtype and head dimension
 the CUDA backend supports, with the same checks and tolerances as the other backends' tests
-(tests/test_remask_step.py, test_masked_diffusion_loss.py, test_bidirectional_attention.py).
+(tests/test_remask_step.py, test_masked_diffusion_loss.py, test_attention_masks.py).
 
 Inside `EmulatedCuda()` the public ops with backend="cpu" run the CUDA kernels instead of the C++
 CPU kernels (tests/cuda_emu.py): each kernel call runs twice, in two thread orders, with the
@@ -12,6 +12,9 @@ that the emulated kernels did run.
 import pytest
 import torch
 
+from llada_kernels import masks
+
+import test_attention_masks as am
 import test_bidirectional_attention as attn
 import test_masked_diffusion_loss as loss
 import test_remask_noise as noise
@@ -183,11 +186,15 @@ def test_loss_out_of_range_target_is_nan_not_a_read():
     torch.testing.assert_close(stats.sum(-1), torch.logsumexp(logits, -1))  # max + log-sum
 
 
-# ---- bidirectional attention ------------------------------------------------------------------------
+# ---- attention ----------------------------------------------------------------------------------
 
-# (B, Hq, Hkv, Lq, Lk, D, mask, layout, dtype): both dtypes with both head dims, GQA 1/2/4, odd and
-# unequal lengths, single rows, key tiles that are all padding (skipped), rows with no key,
-# strided and misaligned inputs.
+# The CUDA kernels are llada::attention_fwd/bwd. The public op runs the cpu backend on
+# llada::attention_fwd only where its C++ CPU kernel is built, so these tests call the op
+# directly (am.direct_op) against fp64 SDPA with the dense mask (FlashAttention's 2x rule).
+
+# (B, Hq, Hkv, Lq, Lk, D, key padding, layout, dtype): both dtypes with both head dims, GQA
+# 1/2/4, odd and unequal lengths, single rows, key tiles that are all padding (skipped), rows
+# with no key, strided and misaligned inputs.
 ATTN_CASES = [
     (2, 4, 2, 65, 70, 64, "some", "contiguous", torch.bfloat16),
     (1, 4, 1, 33, 130, 64, "half_pad", "contiguous", torch.float16),
@@ -200,15 +207,35 @@ ATTN_CASES = [
 
 @pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "-".join(map(str, c[:8])) + f"-{c[8]}".replace("torch.", ""))
 def test_attention(case):
-    *shape, mask, layout, dtype = case
+    *shape, kind, layout, dtype = case
+    kpm = attn.make_mask(kind, shape[0], shape[4], torch.Generator().manual_seed(0))
+    mask = None if kpm is None else masks.key_padding(kpm, shape[3])
     with EmulatedCuda() as emu:
-        attn.check_against_reference("cpu", "cpu", tuple(shape), mask, dtype, layout=layout)
-    assert emu.calls["bidirectional_attention_fwd"] == 1 and emu.calls["bidirectional_attention_bwd"] == 1
+        am.check_backend("cuda", "cpu", tuple(shape), "none", dtype, layout=layout, mask=mask,
+                         fn=am.direct_op())
+    assert emu.calls["attention_fwd"] == 1 and emu.calls["attention_bwd"] == 1
+
+
+# The structured masks (tests/test_attention_masks.py's cases, at the CUDA kernels' head dims):
+# block-causal with b = 1, 4, 32, 37, KV-cache offsets per row, documents (cu_seqlens, unsorted
+# ids, with blocks), the 2L block-diffusion mask, rows that see no key.
+# Both dtypes, alternately (each emulated case costs seconds).
+MASK_CASES = [(*c[:5], 128 if c[5] == 32 else 64, c[6], (torch.bfloat16, torch.float16)[i % 2])
+              for i, c in enumerate(c for c in am.KERNEL_CASES if c[6] != "key_padding")]
+
+
+@pytest.mark.parametrize("case", MASK_CASES,
+                         ids=lambda c: f"{c[6]}-{'x'.join(map(str, c[:6]))}-{str(c[7])[6:]}")
+def test_attention_masks(case):
+    *shape, kind, dtype = case
+    with EmulatedCuda() as emu:
+        am.check_backend("cuda", "cpu", tuple(shape), kind, dtype, fn=am.direct_op())
+    assert emu.calls["attention_fwd"] == 1 and emu.calls["attention_bwd"] == 1
 
 
 def test_attention_rejects_what_the_cuda_kernel_does_not_support():
     q = torch.randn(1, 2, 8, 32, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="D must be 64 or 128"):
-        run("bidirectional_attention_fwd", (q, q, q, None, 1.0))
+        run("attention_fwd", (q, q, q, None, None, 1.0))
     with pytest.raises(RuntimeError, match="float16 or bfloat16"):
-        run("bidirectional_attention_fwd", (q.float(), q.float(), q.float(), None, 1.0))
+        run("attention_fwd", (q.float(), q.float(), q.float(), None, None, 1.0))

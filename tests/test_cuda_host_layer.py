@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import test_bidirectional_attention as attn
+import test_attention_masks as am
 import test_masked_diffusion_loss as loss
 import test_remask_step as remask
 from cuda_emu import EmulatedCuda, emu_lib, plant, set_schedule, stats  # noqa: F401  (emu_lib: a fixture)
@@ -252,7 +252,8 @@ def _barrier_line(path, after):
 
 
 def _attention_case():
-    attn.check_against_reference("cpu", "cpu", (1, 2, 1, 65, 70, 64), "some", torch.bfloat16)
+    am.check_backend("cuda", "cpu", (1, 2, 1, 65, 70, 64), "block_causal_b4", torch.bfloat16,
+                     fn=am.direct_op())
 
 
 def _loss_case():

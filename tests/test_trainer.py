@@ -174,9 +174,9 @@ def test_patch_llada_keeps_outputs_and_uses_the_op(monkeypatch):
     am[2, 9] = 1  # keep one key: rows with no key differ by design (zeros vs SDPA's mean)
     before = [mirror(ids).logits, mirror(ids, attention_mask=am).logits]
     calls = []
-    real = ops.attention.bidirectional_attention
-    monkeypatch.setattr(ops.attention, "bidirectional_attention",
-                        lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    real = ops.attention.attention
+    monkeypatch.setattr(ops.attention, "attention",
+                        lambda *a, **k: calls.append(k["key_padding_mask"]) or real(*a, **k))
     assert patch_llada(mirror) is mirror
     patch_llada(mirror)  # idempotent
     after = [mirror(ids).logits, mirror(ids, attention_mask=am).logits]

@@ -38,8 +38,10 @@
 #include <limits>
 
 #include "common/masked_diffusion_loss.h"
+#include "isa.h"
 
 namespace llada::mdl {
+namespace CPU_CAPABILITY {  // one copy per CPU capability (isa.h)
 namespace {
 
 using at::vec::Vectorized;
@@ -241,11 +243,18 @@ at::Tensor fwd_bwd_cpu(at::Tensor& logits, const at::Tensor& targets, const at::
 }
 
 }  // namespace
+}  // namespace CPU_CAPABILITY
 
+LLADA_ISA_KERNEL(fwd_stub, CPU_CAPABILITY::fwd_cpu);
+LLADA_ISA_KERNEL(bwd_stub, CPU_CAPABILITY::bwd_cpu);
+LLADA_ISA_KERNEL(fwd_bwd_stub, CPU_CAPABILITY::fwd_bwd_cpu);
+
+#ifdef CPU_CAPABILITY_DEFAULT  // registered once; each call runs the copy in use
 TORCH_LIBRARY_IMPL(llada, CPU, m) {
-  m.impl("masked_diffusion_loss", &fwd_cpu);
-  m.impl("masked_diffusion_loss_backward", &bwd_cpu);
-  m.impl("masked_diffusion_loss_fwd_bwd", &fwd_bwd_cpu);
+  m.impl("masked_diffusion_loss", LLADA_ISA_DISPATCH(fwd_stub));
+  m.impl("masked_diffusion_loss_backward", LLADA_ISA_DISPATCH(bwd_stub));
+  m.impl("masked_diffusion_loss_fwd_bwd", LLADA_ISA_DISPATCH(fwd_bwd_stub));
 }
+#endif
 
 }  // namespace llada::mdl

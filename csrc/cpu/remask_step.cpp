@@ -57,13 +57,10 @@
 
 #include "common/random.h"
 #include "common/remask.h"
-
-#if (defined(__x86_64__) || defined(_M_X64)) && !defined(CPU_CAPABILITY_AVX2)
-#pragma message("llada remask_step: built without CPU_CAPABILITY_AVX2 (setup.py and CMakeLists.txt " \
-                "set it with -mavx2 -mfma): Vectorized<float> is the portable, slower fallback")
-#endif
+#include "isa.h"
 
 namespace llada {
+namespace CPU_CAPABILITY {  // one copy per CPU capability (isa.h)
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
@@ -675,10 +672,18 @@ at::Tensor gumbel_from_bits_cpu(const at::Tensor& bits) {
 }
 
 }  // namespace
-}  // namespace llada
+}  // namespace CPU_CAPABILITY
 
+LLADA_ISA_KERNEL(remask_step_stub, CPU_CAPABILITY::remask_step_cpu);
+LLADA_ISA_KERNEL(remask_step_stats_stub, CPU_CAPABILITY::remask_step_stats_cpu);
+LLADA_ISA_KERNEL(gumbel_from_bits_stub, CPU_CAPABILITY::gumbel_from_bits_cpu);
+
+#ifdef CPU_CAPABILITY_DEFAULT  // registered once; each call runs the copy in use
 TORCH_LIBRARY_IMPL(llada, CPU, m) {
-  m.impl("remask_step", &llada::remask_step_cpu);
-  m.impl("remask_step_stats", &llada::remask_step_stats_cpu);
-  m.impl("gumbel_from_bits", &llada::gumbel_from_bits_cpu);
+  m.impl("remask_step", LLADA_ISA_DISPATCH(remask_step_stub));
+  m.impl("remask_step_stats", LLADA_ISA_DISPATCH(remask_step_stats_stub));
+  m.impl("gumbel_from_bits", LLADA_ISA_DISPATCH(gumbel_from_bits_stub));
 }
+#endif
+
+}  // namespace llada

@@ -217,11 +217,14 @@ def build(build_dir: Path | None = None, jobs: int | None = None, verbose: bool 
     out = Path(build_dir or ROOT / "build" / "cuda_emu")
     src = out / "src"
     units = []  # (generated source, instrumented)
-    for rel in ["csrc/ops.cpp"] + _sources() + ["csrc/emu/selftest.cu"]:
+    # ops.cpp (the schemas) and isa.cpp (the cpu_capability ops that ops.cpp defines) hold no
+    # kernel code
+    for rel in ["csrc/ops.cpp", "csrc/isa.cpp"] + _sources() + ["csrc/emu/selftest.cu"]:
         path = src / rel
         _write_if_changed(path, rewrite((ROOT / rel).read_text(), rel))
-        units.append((path, rel.endswith(".cu")))  # ops.cpp holds no kernel code
-    for header in sorted((ROOT / "csrc").glob("cuda/*.cuh")) + sorted((ROOT / "csrc").glob("common/*.h")):
+        units.append((path, rel.endswith(".cu")))
+    for header in ([ROOT / "csrc" / "isa.h"] + sorted((ROOT / "csrc").glob("cuda/*.cuh"))
+                   + sorted((ROOT / "csrc").glob("common/*.h"))):
         rel = str(header.relative_to(ROOT))
         _write_if_changed(src / rel, rewrite(header.read_text(), rel))
     units += [(EMU / "threads.cpp", False), (EMU / "memory.cpp", False)]

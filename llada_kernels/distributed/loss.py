@@ -139,7 +139,7 @@ class _ShardedFusedLinear(torch.autograd.Function):
         if _checks.values_checked():
             _checks.check_index(FUSED_OP, "targets", targets, layout.total, where=masked.reshape(-1))
         chunk = chunk_size if chunk_size > 0 else ops._chunk_rows(
-            rows.numel(), D, layout.largest, hidden.element_size())
+            rows.numel(), D, layout.largest, hidden.dtype)
         fwd, bwd, _ = ops._row_ops(backend)
         acc = weights.dtype
 

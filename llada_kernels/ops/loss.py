@@ -14,19 +14,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import _backend, _checks
+from .. import _backend, _checks, _machine
 from ..distributed import _exchange
 from ..reference import loss as reference
 
 OP = "masked_diffusion_loss"
 FUSED_OP = "fused_linear_masked_diffusion_loss"
 REDUCTIONS = ("sum", "none")
-# The fused form's [chunk, V] logits buffer takes max(MIN_CHUNK_BYTES, the masked hidden rows'
-# size, MIN_CHUNK_ROWS rows) bytes. The row floor matters at large V x D: every chunk reads the
-# whole [V, D] weight twice (logits, then d hidden and d weight), so 33-row chunks (16 MiB at
-# V = 126464) made that traffic the cost: 128 rows is 1.5x faster there (D = 256).
-MIN_CHUNK_BYTES = 16 << 20
-MIN_CHUNK_ROWS = 128
 
 
 def masked_diffusion_loss(
@@ -129,8 +123,8 @@ def fused_linear_masked_diffusion_loss(
         weight: [V, D], same dtype, the lm_head.
         targets, masked, p_mask: as masked_diffusion_loss.
         bias: [V] or None, same dtype.
-        chunk_size: rows per chunk; None sizes the [chunk, V] logits buffer to the largest of
-            the masked hidden rows, MIN_CHUNK_BYTES (16 MiB) and MIN_CHUNK_ROWS (128) rows.
+        chunk_size: rows per chunk; None sizes it from the machine's last-level cache, the
+            GEMMs' needs and the temporaries (llada_kernels._machine.fused_loss_chunk_rows).
         backend: the kernel that turns each chunk's logits into loss and gradient: "cpu",
             "triton", "cuda", or "reference" (the eager full-logits definition).
         group, vocab_offset: vocabulary parallelism, as masked_diffusion_loss: weight (and
@@ -270,9 +264,9 @@ def _differentiable_grad(grad_ce, logits, targets, weights):
 
 # --- the fused-linear composite ---------------------------------------------------------------
 
-def _chunk_rows(M, D, V, itemsize):
-    budget = max(MIN_CHUNK_BYTES, M * D * itemsize, MIN_CHUNK_ROWS * V * itemsize)
-    return max(1, min(M, budget // max(1, V * itemsize)))
+def _chunk_rows(M, D, V, dtype):
+    acc = reference.accumulation_dtype(dtype)
+    return _machine.fused_loss_chunk_rows(M, D, V, dtype.itemsize, acc.itemsize)
 
 
 def _row_ops(backend):
@@ -294,7 +288,7 @@ def _fused_impl(hidden, weight, bias, targets, weights, chunk_size, backend, com
 
     rows = torch.nonzero(weights).squeeze(1)  # the one host sync: the masked count
     chunk = chunk_size if chunk_size > 0 else _chunk_rows(rows.numel(), hidden.shape[1],
-                                                          weight.shape[0], hidden.element_size())
+                                                          weight.shape[0], hidden.dtype)
     return _fused_chunks(hidden, weight, bias, targets, weights, rows, chunk, compute_grad, step)
 
 
