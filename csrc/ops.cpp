@@ -38,6 +38,36 @@ TORCH_LIBRARY(llada, m) {
   m.def("remask_step_triton" REMASK_STEP_SCHEMA);
 #undef REMASK_STEP_SCHEMA
 
+  // remask_step's pass over a vocabulary shard, stopped before the selection: the statistics
+  // that ranks holding the shards of one vocabulary exchange and merge into the step
+  // (llada_kernels/distributed/remask.py). logits (and uncond_logits) [B, L, V_r] hold ids
+  // [vocab_offset, vocab_offset + V_r); ids are global everywhere: suppress_ids and
+  // zero_confidence_ids (those of other shards are ignored), x0, and the Gumbel noise of id v,
+  // keyed by v (common/random.h), so that a draw does not depend on the split. Other
+  // arguments as remask_step. Returns, at candidate positions (0 elsewhere):
+  //   x0     [B, L] int64: the shard's choice by remask_step's rule over its ids, or -1 when
+  //          every id of the shard is suppressed
+  //   stats  [B, L, 4] fp32: (y, m, s, aux)
+  //          y    x0's value: NaN when x0 is the shard's first NaN, +inf its first +inf, else
+  //               the (noisy, clamped) max, or -inf when every choice logit is -inf (then x0
+  //               is the shard's lowest id that is not suppressed)
+  //          m, s the max of the confidence logits z and sum exp(z - m); the shard holds a NaN
+  //               or +inf z when m is NaN or +inf or s is NaN; m = -inf, s = 0 when no z is
+  //               finite
+  //          aux  low_confidence: z[x0] (-inf for a zero-confidence x0); margin: the second
+  //               largest z (duplicates counted); entropy: sum exp(z - m) (z - m);
+  //               random: the position's uniform
+  // remask_step's confidence on one device is: low_confidence exp(aux - m) / s; margin
+  // (1 - exp(aux - m)) / s; entropy aux / s - log s; random aux; 0 where m is not finite or
+  // the formula is NaN.
+#define REMASK_STATS_SCHEMA                                                                   \
+  "(Tensor logits, Tensor? uncond_logits, float cfg_scale, Tensor x, Tensor block_end, "      \
+  "int mask_id, float temperature, str remasking, int[] suppress_ids, "                       \
+  "int[] zero_confidence_ids, Tensor? seed, int vocab_offset) -> (Tensor stats, Tensor x0)"
+  m.def("remask_step_stats" REMASK_STATS_SCHEMA);
+  m.def("remask_step_stats_triton" REMASK_STATS_SCHEMA);
+#undef REMASK_STATS_SCHEMA
+
   // Masked diffusion loss, row form: the kernels behind llada_kernels.masked_diffusion_loss and
   // the chunks of llada_kernels.fused_linear_masked_diffusion_loss. Rows are (batch, position)
   // pairs flattened to N = B * L; a row's weight is 1 / p_mask where masked, 0 elsewhere. The
@@ -50,7 +80,8 @@ TORCH_LIBRARY(llada, m) {
   //            exactly 0 where weight == 0
   //   stats    [N, 2] fp32 (fp64): the row max and log sum_j exp(logits_j - max), apart (their
   //            sum, the log-sum-exp, would round away the log-sum at large logits); (0, 0)
-  //            where weight == 0, (NaN, NaN) where the max is not finite
+  //            where weight == 0, (NaN, NaN) where a logit is NaN or +inf, (-inf, -inf) where
+  //            every logit is -inf (a vocabulary-parallel shard's row may; ce is NaN either way)
   //   grad_ce  [N], the upstream gradient of ce
   //   grad_logits [N, V] logits' dtype: grad_ce * (softmax(logits) - onehot(target)), 0 where
   //            weight == 0

@@ -9,10 +9,11 @@
 //
 // m and ls are kept apart, never summed into a log-sum-exp: at large logits (32 equal logits
 // of 1e8) m + ls rounds to m, and both the loss and the gradient would lose ls.
-// Non-finite logits: a row whose max is not finite (a NaN or +inf logit, or every logit -inf)
-// gets stats (NaN, NaN), so its ce and every dx_j are NaN, as eager PyTorch gives; a -inf
-// target under a finite max gives ce = +inf and a finite gradient (README, "Non-finite and
-// extreme inputs").
+// Non-finite logits: a row with a NaN or +inf logit gets stats (NaN, NaN), a row of -inf
+// (-inf, -inf) (the max and the log of an empty sum: a shard of a vocabulary-parallel row may
+// hold only -inf, llada_kernels/distributed); either way its ce and every dx_j are NaN, as eager
+// PyTorch gives; a -inf target under a finite max gives ce = +inf and a finite gradient
+// (README, "Non-finite and extreme inputs").
 //
 // The forward makes two vectorised sweeps over a row (its max, then the sum of exponentials:
 // one exp per element, cheaper on a CPU than the online rescaling), the backward one sweep that
@@ -88,7 +89,8 @@ struct Stats {
   A ls;  // log sum_j exp(x_j - m)
 };
 
-// The row's stats, in two sweeps; (NaN, NaN) when the max is NaN, +inf or -inf.
+// The row's stats, in two sweeps; (NaN, NaN) when the max is NaN or +inf, (-inf, -inf) when it
+// is -inf.
 template <typename T>
 Stats<acc_t<T>> row_stats(const T* x, int64_t V) {
   using A = acc_t<T>;
@@ -105,8 +107,8 @@ Stats<acc_t<T>> row_stats(const T* x, int64_t V) {
   A m = horizontal(at::vec::maximum(m0, m1), nan_max);
   for (int64_t j = vend; j < V; ++j) m = nan_max(m, static_cast<A>(x[j]));
   if (!std::isfinite(m)) {
-    constexpr A kNaN = std::numeric_limits<A>::quiet_NaN();
-    return {kNaN, kNaN};
+    const A v = m == kNegInf ? kNegInf : std::numeric_limits<A>::quiet_NaN();
+    return {v, v};
   }
 
   const AVec<T> vm(m);

@@ -1,4 +1,5 @@
-// C++ CPU kernel of llada::remask_step, and the llada::gumbel_from_bits test hook.
+// C++ CPU kernels of llada::remask_step and llada::remask_step_stats (the same pass over a
+// vocabulary shard, stopped before the selection), and the llada::gumbel_from_bits test hook.
 //
 // Semantics: llada_kernels/reference/remask.py (the truth) and the docstring of
 // llada_kernels.remask_step. Shared with the CUDA and Triton kernels: common/random.h (the
@@ -20,6 +21,10 @@
 //              random          remask_uniform(seed, r)
 //              A row without a finite m (all -inf, or a +inf/NaN confidence logit) scores 0,
 //              as the reference's nan_to_num does (common/remask.h states the contract).
+// Both come from a position's statistics (ShardStats: the choice x0 and its value y, m, S and
+// one more number per mode), which remask_step_stats returns for a shard of the vocabulary
+// (ids [off, off + V), every id global: the noise of id v is keyed by v) and remask_step turns
+// into a confidence at once.
 //
 // Cost. Non-candidates cost nothing. A candidate's row (LLaDA: V = 126464, 247 KiB in bf16)
 // is read by three passes that hit L2 after the first: the max (and runner-up), the first id
@@ -103,28 +108,31 @@ inline Vec load_fp32_partial(const T* p, int64_t n) {
   }
 }
 
-// One row of V logits as fp32, combined on the fly with the unconditional row under CFG.
+// One row of logits as fp32, combined on the fly with the unconditional row under CFG. Ids are
+// global: the row holds ids [off, off + V) (off = 0 but for a vocabulary shard).
 template <typename T, bool kCfg>
 struct Row {
   const T* cond;
   const T* uncond;  // kCfg only
   Vec scale;        // cfg_scale + 1
+  int64_t off;      // the id of cond[0]
 
   // c: the conditional logits of ids [v, v + n).
   Vec combine(Vec c, int64_t v, int64_t n) const {
     if constexpr (kCfg) {
-      const Vec un = n == kW ? load_fp32(uncond + v) : load_fp32_partial(uncond + v, n);
+      const T* u = uncond + (v - off);
+      const Vec un = n == kW ? load_fp32(u) : load_fp32_partial(u, n);
       return un + scale * (c - un);
     } else {
       return c;
     }
   }
   // Ids [v, v + kW).
-  Vec at(int64_t v) const { return combine(load_fp32(cond + v), v, kW); }
+  Vec at(int64_t v) const { return combine(load_fp32(cond + (v - off)), v, kW); }
   // Ids [v, v + n), n <= kW; the other lanes hold `fill`.
   Vec at(int64_t v, int64_t n, float fill) const {
     if (n == kW) return at(v);
-    return Vec::set(Vec(fill), combine(load_fp32_partial(cond + v, n), v, n), n);
+    return Vec::set(Vec(fill), combine(load_fp32_partial(cond + (v - off), n), v, n), n);
   }
   float one(int64_t v) const {
     __at_align__ float buf[kW];
@@ -138,15 +146,15 @@ struct Run {
   int64_t begin, end;
 };
 
-// [0, V) minus `cut` (sorted, unique), as maximal non-empty runs.
-std::vector<Run> runs_between(const std::vector<int64_t>& cut, int64_t V) {
+// [lo, hi) minus `cut` (sorted, unique, inside [lo, hi)), as maximal non-empty runs.
+std::vector<Run> runs_between(const std::vector<int64_t>& cut, int64_t lo, int64_t hi) {
   std::vector<Run> runs;
-  int64_t begin = 0;
+  int64_t begin = lo;
   for (const int64_t id : cut) {
     if (id > begin) runs.push_back({begin, id});
     begin = id + 1;
   }
-  if (V > begin) runs.push_back({begin, V});
+  if (hi > begin) runs.push_back({begin, hi});
   return runs;
 }
 
@@ -225,9 +233,15 @@ int64_t find_first(const R& row, const std::vector<Run>& runs, float target) {
 //                                        few units above lmax, a small fraction (e^-G).
 // The tests are conservative (a margin covers the rounding of fma and of the logarithms), so
 // skipping is exact: the result does not depend on `start`, only the cost does.
+// Returns x0 and its noisy value.
+struct Best {
+  int64_t arg;
+  float value;
+};
+
 template <class R>
-int64_t noisy_argmax(const R& row, const std::vector<Run>& runs, float T, uint64_t seed,
-                     int64_t r, int64_t start) {
+Best noisy_argmax(const R& row, const std::vector<Run>& runs, float T, uint64_t seed, int64_t r,
+                  int64_t start) {
   float best = -kInf;
   int64_t arg = -1;
   if (start >= 0) {
@@ -273,7 +287,7 @@ int64_t noisy_argmax(const R& row, const std::vector<Run>& runs, float T, uint64
       }
     }
   }
-  return arg;
+  return {arg, best};
 }
 
 // exp(t) for t <= 0 in 12 vector operations, within 2e-7 relative (exp_u20 takes 17 and
@@ -338,6 +352,7 @@ void exp_sums(const R& row, const std::vector<Run>& runs, float m, float& sum, f
 
 struct Params {
   int64_t L;
+  int64_t off;                   // the vocabulary id of the logits' first column
   int64_t stride_b, stride_l;    // of logits
   int64_t ustride_b, ustride_l;  // of uncond_logits
   float scale;                   // cfg_scale + 1
@@ -346,18 +361,23 @@ struct Params {
   uint64_t seed;
   std::vector<int64_t> cut;        // suppress_ids and zero_confidence_ids, sorted, unique
   std::vector<int64_t> zero_only;  // zero_confidence_ids that are not suppressed
-  std::vector<Run> choice_runs;    // ids that x0 may take: [0, V) minus suppress_ids
-  std::vector<Run> conf_runs;      // ids in the confidence softmax: [0, V) minus cut
-  int64_t first_allowed;           // the lowest id not suppressed: x0 of an all -inf row
+  std::vector<Run> choice_runs;    // ids that x0 may take: [off, off + V) minus suppress_ids
+  std::vector<Run> conf_runs;      // ids in the confidence softmax: [off, off + V) minus cut
+  int64_t first_allowed;           // the lowest id not suppressed (-1: none in the shard)
 };
 
-struct Scored {
-  int64_t x0;
-  float confidence;
+// A position's statistics over the row (or shard): everything its confidence needs
+// (llada::remask_step_stats in csrc/ops.cpp states them for a merge across shards).
+struct ShardStats {
+  int64_t x0;  // the choice, or -1 (every id of the shard suppressed)
+  float y;     // x0's value: NaN or +inf (the first such id), the (noisy) max, or -inf
+  float m;     // max of the confidence logits z (NaN if one is NaN)
+  float s;     // sum exp(z - m), when m is finite (else 0)
+  float aux;   // z[x0] (low_confidence), the runner-up of z (margin), sum e t (entropy), u
 };
 
 template <class R>
-Scored score(const R& row, const Params& p, int64_t r) {
+ShardStats shard_stats(const R& row, const Params& p, int64_t r) {
   const Top2 top = p.mode == Remasking::Margin ? row_max<true>(row, p.conf_runs)
                                                : row_max<false>(row, p.conf_runs);
   // The max of l over the choice runs: the max over the confidence runs, and the
@@ -369,48 +389,64 @@ Scored score(const R& row, const Params& p, int64_t r) {
   }
   // x0 (common/remask.h): the first id at the max when it is NaN or +inf (noise cannot move
   // it) or at T = 0; the lowest allowed id if every value is -inf; else Gumbel-max.
-  int64_t x0 = lmax == -kInf ? -1 : find_first(row, p.choice_runs, lmax);
-  if (p.temperature > 0 && x0 >= 0 && lmax < kInf) {
-    x0 = noisy_argmax(row, p.choice_runs, p.temperature, p.seed, r, x0);
+  ShardStats st{lmax == -kInf ? -1 : find_first(row, p.choice_runs, lmax), lmax, top.m, 0.f, 0.f};
+  if (p.temperature > 0 && st.x0 >= 0 && lmax < kInf) {
+    const Best best = noisy_argmax(row, p.choice_runs, p.temperature, p.seed, r, st.x0);
+    st.x0 = best.arg;
+    st.y = best.value;
   }
-  if (x0 < 0) x0 = p.first_allowed;  // every (noisy) value is -inf
+  if (st.x0 < 0) st.x0 = p.first_allowed;  // every (noisy) value is -inf
 
-  float c = 0.f;
   if (p.mode == Remasking::Random) {
-    c = remask_uniform(p.seed, r);
-  } else if (std::isfinite(top.m)) {
-    const float m = top.m;
-    float S, sum_et;
+    st.aux = remask_uniform(p.seed, r);
+  } else if (p.mode == Remasking::Margin) {
+    st.aux = top.m2;
+  } else if (p.mode == Remasking::LowConfidence) {  // -inf (p = 0) if x0 is a cut id
+    const bool cut = st.x0 < 0 || std::binary_search(p.cut.begin(), p.cut.end(), st.x0);
+    st.aux = cut ? -kInf : row.one(st.x0);
+  }
+  if (p.mode != Remasking::Random && std::isfinite(top.m)) {
+    float sum_et = 0.f;
     if (p.mode == Remasking::Entropy) {
-      exp_sums<true>(row, p.conf_runs, m, S, sum_et);
-      c = sum_et / S - std::log(S);
+      exp_sums<true>(row, p.conf_runs, top.m, st.s, sum_et);
+      st.aux = sum_et;
     } else {
-      exp_sums<false>(row, p.conf_runs, m, S, sum_et);
-      if (p.mode == Remasking::Margin) {
-        c = 1.f / S - std::exp(top.m2 - m) / S;
-      } else if (!std::binary_search(p.cut.begin(), p.cut.end(), x0)) {
-        c = std::exp(row.one(x0) - m) / S;  // low_confidence; 0 if x0 is a cut id
-      }
+      exp_sums<false>(row, p.conf_runs, top.m, st.s, sum_et);
     }
   }
-  // nan_to_num, and -0 -> +0 so that the key orders it with +0.
-  return {x0, std::isnan(c) ? 0.f : c + 0.f};
+  return st;
 }
 
-// Scores candidates [begin, end): x0 and selection key of each.
-template <typename T, bool kCfg>
+// The confidence of a position from the statistics of its whole row: 0 where m is not finite
+// or the formula gives NaN (nan_to_num), and -0 -> +0 so that the key orders it with +0.
+float confidence(const ShardStats& st, Remasking mode) {
+  float c = 0.f;
+  if (mode == Remasking::Random) {
+    c = st.aux;
+  } else if (std::isfinite(st.m)) {
+    if (mode == Remasking::Entropy) {
+      c = st.aux / st.s - std::log(st.s);
+    } else if (mode == Remasking::Margin) {
+      c = 1.f / st.s - std::exp(st.aux - st.m) / st.s;
+    } else {
+      c = std::exp(st.aux - st.m) / st.s;  // low_confidence
+    }
+  }
+  return std::isnan(c) ? 0.f : c + 0.f;
+}
+
+// Calls emit(i, r, stats) for candidates [begin, end) (cand[i] = r = b * L + l).
+template <typename T, bool kCfg, class Emit>
 void score_candidates(const at::Tensor& logits, const at::Tensor* uncond, const Params& p,
-                      const int64_t* cand, int64_t* x0, int64_t* key, int64_t begin,
-                      int64_t end) {
+                      const int64_t* cand, int64_t begin, int64_t end, const Emit& emit) {
   const T* base = logits.const_data_ptr<T>();
   const T* ubase = kCfg ? uncond->const_data_ptr<T>() : nullptr;
   for (int64_t i = begin; i < end; ++i) {
     const int64_t r = cand[i], b = r / p.L, l = r % p.L;
     Row<T, kCfg> row{base + b * p.stride_b + l * p.stride_l,
-                     kCfg ? ubase + b * p.ustride_b + l * p.ustride_l : nullptr, Vec(p.scale)};
-    const Scored s = score(row, p, r);
-    x0[i] = s.x0;
-    key[i] = selection_key(s.confidence, l);
+                     kCfg ? ubase + b * p.ustride_b + l * p.ustride_l : nullptr, Vec(p.scale),
+                     p.off};
+    emit(i, r, shard_stats(row, p, r));
   }
 }
 
@@ -418,28 +454,31 @@ void score_candidates(const at::Tensor& logits, const at::Tensor* uncond, const 
 // The operators
 // ---------------------------------------------------------------------------------------------
 
-std::vector<int64_t> sorted_ids(at::IntArrayRef ids, int64_t V, const char* name) {
-  std::vector<int64_t> out(ids.begin(), ids.end());
-  for (const int64_t id : out) {
-    TORCH_CHECK(0 <= id && id < V, "remask_step: ", name, " holds ", id,
-                ", outside the vocabulary [0, ", V, ")");
+// The ids in [lo, hi), sorted, unique; negative ids are refused (ids of other shards, at or
+// above hi, belong to them; below lo too).
+std::vector<int64_t> sorted_ids(at::IntArrayRef ids, int64_t lo, int64_t hi, bool shard,
+                                const char* name) {
+  std::vector<int64_t> out;
+  for (const int64_t id : ids) {
+    TORCH_CHECK(0 <= id && (shard || id < hi), "remask_step: ", name, " holds ", id,
+                ", outside the vocabulary [0, ", hi, ")");
+    if (lo <= id && id < hi) out.push_back(id);
   }
   std::sort(out.begin(), out.end());
   out.erase(std::unique(out.begin(), out.end()), out.end());
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> remask_step_cpu(
-    const at::Tensor& logits, const std::optional<at::Tensor>& uncond_logits, double cfg_scale,
-    const at::Tensor& x, const at::Tensor& num_transfer, const at::Tensor& block_end,
-    int64_t mask_id, double temperature, c10::string_view remasking,
-    std::optional<double> threshold, at::IntArrayRef suppress_ids,
-    at::IntArrayRef zero_confidence_ids, const std::optional<at::Tensor>& seed) {
+// Checks what Python cannot see, and reads the arguments both operators share into Params.
+Params setup(const at::Tensor& logits, const at::Tensor* uncond, double cfg_scale,
+             const at::Tensor& x, const at::Tensor& block_end, double temperature,
+             c10::string_view remasking, at::IntArrayRef suppress_ids,
+             at::IntArrayRef zero_confidence_ids, const std::optional<at::Tensor>& seed,
+             int64_t vocab_offset, bool shard) {
   TORCH_CHECK(logits.dim() == 3, "remask_step: logits must be [B, L, V]; got ", logits.sizes());
   const int64_t B = logits.size(0), L = logits.size(1), V = logits.size(2);
   TORCH_CHECK(logits.stride(2) == 1 || V == 1,
               "remask_step: logits must have unit stride along V; got strides ", logits.strides());
-  const at::Tensor* uncond = uncond_logits.has_value() ? &*uncond_logits : nullptr;
   if (uncond) {
     TORCH_CHECK(uncond->scalar_type() == logits.scalar_type() && uncond->sizes() == logits.sizes(),
                 "remask_step: uncond_logits must match logits (", logits.scalar_type(), " ",
@@ -451,44 +490,49 @@ std::tuple<at::Tensor, at::Tensor> remask_step_cpu(
   TORCH_CHECK(x.scalar_type() == at::kLong && x.dim() == 2 && x.size(0) == B && x.size(1) == L,
               "remask_step: x must be int64 [B, L] = [", B, ", ", L, "]; got ", x.scalar_type(),
               " ", x.sizes());
-  for (const auto& [name, t] : {std::pair{"num_transfer", &num_transfer},
-                                std::pair{"block_end", &block_end}}) {
-    TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->size(0) == B &&
-                    t->is_contiguous(),
-                "remask_step: ", name, " must be a contiguous int64 [B] = [", B, "] tensor; got ",
-                t->scalar_type(), " ", t->sizes());
-  }
-  const Remasking mode = parse_remasking(remasking);
-  const bool needs_seed = temperature > 0 || mode == Remasking::Random;
+  TORCH_CHECK(block_end.scalar_type() == at::kLong && block_end.dim() == 1 &&
+                  block_end.size(0) == B && block_end.is_contiguous(),
+              "remask_step: block_end must be a contiguous int64 [B] = [", B, "] tensor; got ",
+              block_end.scalar_type(), " ", block_end.sizes());
+  TORCH_CHECK(vocab_offset >= 0, "remask_step: vocab_offset must be >= 0");  // one string: see test_cpu_isa
+  Params p;
+  p.mode = parse_remasking(remasking);
+  const bool needs_seed = temperature > 0 || p.mode == Remasking::Random;
   TORCH_CHECK(!needs_seed || (seed.has_value() && seed->numel() == 1 &&
                               seed->scalar_type() == at::kLong && seed->device().is_cpu()),
               "remask_step: temperature > 0 and remasking='random' need seed, a [1] int64 CPU "
               "tensor");
-
-  Params p;
   p.L = L;
+  p.off = vocab_offset;
   p.stride_b = logits.stride(0);
   p.stride_l = logits.stride(1);
   p.ustride_b = uncond ? uncond->stride(0) : 0;
   p.ustride_l = uncond ? uncond->stride(1) : 0;
   p.scale = static_cast<float>(cfg_scale + 1.0);
   p.temperature = static_cast<float>(temperature);
-  p.mode = mode;
   p.seed = needs_seed ? static_cast<uint64_t>(seed->const_data_ptr<int64_t>()[0]) : 0;
-  const std::vector<int64_t> suppress = sorted_ids(suppress_ids, V, "suppress_ids");
-  const std::vector<int64_t> zero = sorted_ids(zero_confidence_ids, V, "zero_confidence_ids");
+  const int64_t lo = vocab_offset, hi = vocab_offset + V;
+  const std::vector<int64_t> suppress = sorted_ids(suppress_ids, lo, hi, shard, "suppress_ids");
+  const std::vector<int64_t> zero =
+      sorted_ids(zero_confidence_ids, lo, hi, shard, "zero_confidence_ids");
   std::set_union(suppress.begin(), suppress.end(), zero.begin(), zero.end(),
                  std::back_inserter(p.cut));
   std::set_difference(zero.begin(), zero.end(), suppress.begin(), suppress.end(),
                       std::back_inserter(p.zero_only));
-  p.choice_runs = runs_between(suppress, V);
-  p.conf_runs = runs_between(p.cut, V);
-  p.first_allowed = p.choice_runs.empty() ? 0 : p.choice_runs.front().begin;
+  p.choice_runs = runs_between(suppress, lo, hi);
+  p.conf_runs = runs_between(p.cut, lo, hi);
+  p.first_allowed = p.choice_runs.empty() ? (shard ? -1 : 0) : p.choice_runs.front().begin;
+  return p;
+}
 
-  // Candidates, row by row: cand[row_start[b] .. row_start[b + 1]) holds r = b * L + l.
+// The candidates (x == mask_id and l < block_end[b]), row by row: cand[row_start[b] ..
+// row_start[b + 1]) holds r = b * L + l.
+void candidates(const at::Tensor& x, const at::Tensor& block_end, int64_t mask_id,
+                std::vector<int64_t>& cand, std::vector<int64_t>& row_start) {
+  const int64_t B = x.size(0), L = x.size(1);
   const int64_t* xs = x.const_data_ptr<int64_t>();
   const int64_t* ends = block_end.const_data_ptr<int64_t>();
-  std::vector<int64_t> cand, row_start(B + 1, 0);
+  row_start.assign(B + 1, 0);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t end = std::clamp<int64_t>(ends[b], 0, L);
     for (int64_t l = 0; l < end; ++l) {
@@ -496,16 +540,18 @@ std::tuple<at::Tensor, at::Tensor> remask_step_cpu(
     }
     row_start[b + 1] = static_cast<int64_t>(cand.size());
   }
-  const int64_t n = static_cast<int64_t>(cand.size());
-  std::vector<int64_t> x0(n), key(n);
+}
 
-  // Score the candidates, at least about 16 K logits per task.
+// emit(i, r, stats) for every candidate, in parallel, at least about 16 K logits per task.
+template <class Emit>
+void score_all(const at::Tensor& logits, const at::Tensor* uncond, const Params& p,
+               const std::vector<int64_t>& cand, const Emit& emit) {
+  const int64_t n = static_cast<int64_t>(cand.size()), V = logits.size(2);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(V, 1));
   auto run = [&](auto tag, auto cfg) {
     using T = decltype(tag);
     at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-      score_candidates<T, decltype(cfg)::value>(logits, uncond, p, cand.data(), x0.data(),
-                                                key.data(), begin, end);
+      score_candidates<T, decltype(cfg)::value>(logits, uncond, p, cand.data(), begin, end, emit);
     });
   };
   auto run_dtype = [&](auto tag) {
@@ -523,6 +569,29 @@ std::tuple<at::Tensor, at::Tensor> remask_step_cpu(
       TORCH_CHECK(false, "remask_step: logits must be float32, bfloat16 or float16; got ",
                   logits.scalar_type());
   }
+}
+
+std::tuple<at::Tensor, at::Tensor> remask_step_cpu(
+    const at::Tensor& logits, const std::optional<at::Tensor>& uncond_logits, double cfg_scale,
+    const at::Tensor& x, const at::Tensor& num_transfer, const at::Tensor& block_end,
+    int64_t mask_id, double temperature, c10::string_view remasking,
+    std::optional<double> threshold, at::IntArrayRef suppress_ids,
+    at::IntArrayRef zero_confidence_ids, const std::optional<at::Tensor>& seed) {
+  const at::Tensor* uncond = uncond_logits.has_value() ? &*uncond_logits : nullptr;
+  const Params p = setup(logits, uncond, cfg_scale, x, block_end, temperature, remasking,
+                         suppress_ids, zero_confidence_ids, seed, 0, false);
+  const int64_t B = x.size(0), L = x.size(1);
+  TORCH_CHECK(num_transfer.scalar_type() == at::kLong && num_transfer.dim() == 1 &&
+                  num_transfer.size(0) == B && num_transfer.is_contiguous(),
+              "remask_step: num_transfer must be a contiguous int64 [B] = [", B, "] tensor; got ",
+              num_transfer.scalar_type(), " ", num_transfer.sizes());
+  std::vector<int64_t> cand, row_start;
+  candidates(x, block_end, mask_id, cand, row_start);
+  std::vector<int64_t> x0(cand.size()), key(cand.size());
+  score_all(logits, uncond, p, cand, [&](int64_t i, int64_t r, const ShardStats& st) {
+    x0[i] = st.x0;
+    key[i] = selection_key(confidence(st, p.mode), r % p.L);
+  });
 
   // Select and write, row by row (common/remask.h).
   at::Tensor x_new = at::empty({B, L}, x.options());
@@ -561,6 +630,34 @@ std::tuple<at::Tensor, at::Tensor> remask_step_cpu(
   return {x_new, transfer};
 }
 
+// llada::remask_step_stats: the statistics of every candidate over this vocabulary shard.
+std::tuple<at::Tensor, at::Tensor> remask_step_stats_cpu(
+    const at::Tensor& logits, const std::optional<at::Tensor>& uncond_logits, double cfg_scale,
+    const at::Tensor& x, const at::Tensor& block_end, int64_t mask_id, double temperature,
+    c10::string_view remasking, at::IntArrayRef suppress_ids,
+    at::IntArrayRef zero_confidence_ids, const std::optional<at::Tensor>& seed,
+    int64_t vocab_offset) {
+  const at::Tensor* uncond = uncond_logits.has_value() ? &*uncond_logits : nullptr;
+  const Params p = setup(logits, uncond, cfg_scale, x, block_end, temperature, remasking,
+                         suppress_ids, zero_confidence_ids, seed, vocab_offset, true);
+  const int64_t B = x.size(0), L = x.size(1);
+  at::Tensor stats = at::zeros({B, L, 4}, logits.options().dtype(at::kFloat));
+  at::Tensor x0 = at::zeros({B, L}, x.options());
+  float* st_out = stats.mutable_data_ptr<float>();
+  int64_t* x0_out = x0.mutable_data_ptr<int64_t>();
+  std::vector<int64_t> cand, row_start;
+  candidates(x, block_end, mask_id, cand, row_start);
+  score_all(logits, uncond, p, cand, [&](int64_t, int64_t r, const ShardStats& st) {
+    x0_out[r] = st.x0;
+    float* o = st_out + 4 * r;
+    o[0] = st.y;
+    o[1] = st.m;
+    o[2] = st.s;
+    o[3] = st.aux;
+  });
+  return {stats, x0};
+}
+
 at::Tensor gumbel_from_bits_cpu(const at::Tensor& bits) {
   TORCH_CHECK(bits.scalar_type() == at::kLong, "gumbel_from_bits: bits must be int64; got ",
               bits.scalar_type());
@@ -578,11 +675,13 @@ at::Tensor gumbel_from_bits_cpu(const at::Tensor& bits) {
 }  // namespace CPU_CAPABILITY
 
 LLADA_ISA_KERNEL(remask_step_stub, CPU_CAPABILITY::remask_step_cpu);
+LLADA_ISA_KERNEL(remask_step_stats_stub, CPU_CAPABILITY::remask_step_stats_cpu);
 LLADA_ISA_KERNEL(gumbel_from_bits_stub, CPU_CAPABILITY::gumbel_from_bits_cpu);
 
 #ifdef CPU_CAPABILITY_DEFAULT  // registered once; each call runs the copy in use
 TORCH_LIBRARY_IMPL(llada, CPU, m) {
   m.impl("remask_step", LLADA_ISA_DISPATCH(remask_step_stub));
+  m.impl("remask_step_stats", LLADA_ISA_DISPATCH(remask_step_stats_stub));
   m.impl("gumbel_from_bits", LLADA_ISA_DISPATCH(gumbel_from_bits_stub));
 }
 #endif

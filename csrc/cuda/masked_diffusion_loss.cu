@@ -8,8 +8,9 @@
 //   ce_r   = ls + (m - x_t)
 //   dx_j   = g_r * (exp((x_j - m) - ls) - [j == t])      (g_r: the gradient of ce_r)
 //
-// A row whose max is not finite (a NaN or +inf logit, or every logit -inf) gets stats
-// (NaN, NaN): its ce and gradient are NaN (README, "Non-finite and extreme inputs").
+// A row with a NaN or +inf logit gets stats (NaN, NaN), a row of -inf (-inf, -inf) (the max
+// and the log of an empty sum, which a vocabulary-parallel shard may hold); either way its ce
+// and gradient are NaN (README, "Non-finite and extreme inputs").
 //
 // One thread block per row. Forward: each thread keeps an online (max m, sum s of exp(x - m))
 // over a strided slice of the row, one exp per element:
@@ -63,7 +64,8 @@ __device__ __forceinline__ MaxSum<A> merge(MaxSum<A> a, MaxSum<A> b) {
 }
 
 // The block's (max, sum) over every thread's pair, returned to every thread as the row's stats
-// (m, log s): (NaN, NaN) when m is not finite, or s is NaN (a NaN logit).
+// (m, log s): (NaN, NaN) when m is NaN or +inf, or s is NaN (a NaN logit); (-inf, -inf) when
+// every logit is -inf (m = -inf, s = 0).
 template <typename A>
 __device__ Stats<A> block_stats(MaxSum<A> p) {
   __shared__ A sm[kWarps], ss[kWarps];
@@ -80,9 +82,11 @@ __device__ Stats<A> block_stats(MaxSum<A> p) {
       p = merge(p, MaxSum<A>{__shfl_xor_sync(0xffffffffu, p.m, offset), __shfl_xor_sync(0xffffffffu, p.s, offset)});
     if (lane == 0) {
       const A nan = cuda::std::numeric_limits<A>::quiet_NaN();
-      const bool ok = fabs(p.m) < cuda::std::numeric_limits<A>::infinity() && p.s == p.s;
-      result.m = ok ? p.m : nan;
-      result.ls = ok ? log(p.s) : nan;
+      const A inf = cuda::std::numeric_limits<A>::infinity();
+      const bool ok = fabs(p.m) < inf && p.s == p.s;
+      const A bad = p.m == -inf && p.s == A(0) ? -inf : nan;  // every logit -inf, or NaN/+inf
+      result.m = ok ? p.m : bad;
+      result.ls = ok ? log(p.s) : bad;
     }
   }
   __syncthreads();

@@ -1,4 +1,6 @@
-// CUDA kernels of llada::remask_step (one LLaDA sampling step) and llada::gumbel_from_bits.
+// CUDA kernels of llada::remask_step (one LLaDA sampling step), llada::remask_step_stats (its
+// score pass over a vocabulary shard, returning statistics instead of keys) and
+// llada::gumbel_from_bits.
 //
 // The truth is llada_kernels/reference/remask.py; the contract shared with the CPU and Triton
 // kernels is common/random.h (noise) and common/remask.h (selection keys). Two launches:
@@ -26,8 +28,12 @@
 // t = e^(m - m') (t + (m - m') s). A NaN confidence (a row with no finite cl, or a NaN or +inf
 // logit) scores 0, as the reference's nan_to_num does; -0 scores +0, so that the keys order
 // confidences exactly as fp32 comparisons do.
+// Stats mode (remask_step_stats): the logits hold ids [off, off + V); every id the kernel sees
+// is global (off + the column: special ids, the noise's key, x0), and the block writes the
+// row's (best, m, s, best_cl | m2 | t | u) and x0 instead of the key (csrc/ops.cpp).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -70,7 +76,7 @@ struct SpecialIds {
   int32_t id[kMaxSpecialIds];
   int n_suppress;
   int n;
-  int first_allowed;  // the lowest id not in suppress_ids
+  int first_allowed;  // the lowest id not in suppress_ids (-1: none in the shard)
 };
 
 template <typename scalar_t>
@@ -83,9 +89,11 @@ struct ScoreParams {
   const int64_t* block_end;  // [B]
   const int64_t* seed;       // [1], read only when noise or random remasking needs it
   int64_t* x0;               // [B * L] out, written at candidates
-  int64_t* key;              // [B * L] out
+  int64_t* key;              // [B * L] out, or nullptr in stats mode
+  float* stats;              // [B * L, 4] out in stats mode, else nullptr
   int64_t B, L, mask_id;
   int V;
+  int vocab_offset;          // the global id of column 0 (0 but for a shard)
   float cfg_scale_plus_one;
   float temperature;
   float temperature_gumbel_max;  // fl(T * kGumbelMax), the largest noise a logit can get
@@ -252,7 +260,7 @@ __global__ void __launch_bounds__(kScoreThreads, 1) score_kernel(const ScorePara
   for (int64_t r = blockIdx.x; r < p.B * p.L; r += gridDim.x) {  // block-uniform loop
     const int64_t b = r / p.L, l = r % p.L;
     if (p.x[b * p.x_stride_b + l * p.x_stride_l] != p.mask_id || l >= p.block_end[b]) {
-      if (tid == 0) p.key[r] = kNoCandidate;
+      if (tid == 0 && p.key) p.key[r] = kNoCandidate;
       continue;
     }
     const uint64_t seed =
@@ -274,8 +282,9 @@ __global__ void __launch_bounds__(kScoreThreads, 1) score_kernel(const ScorePara
     RowStats st = empty_stats();
     for (int v = tid; v < head; v += kScoreThreads) {
       const float lv[1] = {logit_at<kCfg>(c, u, v, s1)};
-      absorb<kMode, kNoise>(st, lv, v, p, seed, r);
+      absorb<kMode, kNoise>(st, lv, p.vocab_offset + v, p, seed, r);
     }
+    const int off = p.vocab_offset;  // ids below are global: column v is id off + v
     const uint4* cv = reinterpret_cast<const uint4*>(c + head);
     const uint4* uv = kCfg ? reinterpret_cast<const uint4*>(u + head) : nullptr;
     for (int i0 = tid; i0 < n_vec; i0 += kScoreThreads * kUnroll<kNoise>) {
@@ -301,16 +310,27 @@ __global__ void __launch_bounds__(kScoreThreads, 1) score_kernel(const ScorePara
           for (int e = 0; e < kVec; ++e)
             lv[e] = __fadd_rn(lu[e], __fmul_rn(s1, __fsub_rn(lv[e], lu[e])));
         }
-        absorb<kMode, kNoise>(st, lv, head + i * kVec, p, seed, r);
+        absorb<kMode, kNoise>(st, lv, off + head + i * kVec, p, seed, r);
       }
     }
     for (int v = tail + tid; v < p.V; v += kScoreThreads) {
       const float lv[1] = {logit_at<kCfg>(c, u, v, s1)};
-      absorb<kMode, kNoise>(st, lv, v, p, seed, r);
+      absorb<kMode, kNoise>(st, lv, off + v, p, seed, r);
     }
 
     st = block_reduce<kScoreThreads>(st, combine, empty_stats(), smem);
     if (tid == 0) {
+      p.x0[r] = st.best_id == INT32_MAX ? p.ids.first_allowed : st.best_id;  // all -inf
+      if (p.stats) {  // the shard's statistics (csrc/ops.cpp, remask_step_stats)
+        float* o = p.stats + 4 * r;
+        o[0] = st.best;
+        o[1] = st.m;
+        o[2] = st.s;
+        o[3] = kMode == Remasking::LowConfidence ? st.best_cl
+               : kMode == Remasking::Margin      ? st.m2
+               : kMode == Remasking::Entropy     ? st.t
+                                                 : remask_uniform(seed, r);
+      } else {
       float conf;
       if constexpr (kMode == Remasking::LowConfidence) {
         conf = expf(st.best_cl - st.m) / st.s;
@@ -322,8 +342,8 @@ __global__ void __launch_bounds__(kScoreThreads, 1) score_kernel(const ScorePara
         conf = remask_uniform(seed, r);
       }
       conf = conf != conf ? 0.f : conf + 0.f;  // NaN -> 0 (nan_to_num), -0 -> +0
-      p.x0[r] = st.best_id == INT32_MAX ? p.ids.first_allowed : st.best_id;  // all -inf
       p.key[r] = selection_key(conf, l);
+      }
     }
   }
 }
@@ -440,14 +460,15 @@ void with_scalar_type(at::ScalarType dtype, F&& f) {
   }
 }
 
-// suppress_ids, then the zero_confidence_ids not already suppressed; ids outside [0, V) can
-// match no logit and are dropped (the public op rejects them before this).
+// suppress_ids, then the zero_confidence_ids not already suppressed; ids outside the logits'
+// [lo, hi) can match no logit and are dropped (the public op rejects ids outside the
+// vocabulary before this; a shard's ids belong to other shards).
 SpecialIds pack_ids(at::IntArrayRef suppress_ids, at::IntArrayRef zero_confidence_ids,
-                    int64_t V) {
+                    int64_t lo, int64_t hi) {
   std::vector<int32_t> ids;
   const auto add = [&](at::IntArrayRef list) {
     for (const int64_t id : list)
-      if (0 <= id && id < V && std::find(ids.begin(), ids.end(), id) == ids.end())
+      if (lo <= id && id < hi && std::find(ids.begin(), ids.end(), id) == ids.end())
         ids.push_back(static_cast<int32_t>(id));
   };
   add(suppress_ids);
@@ -460,9 +481,11 @@ SpecialIds pack_ids(at::IntArrayRef suppress_ids, at::IntArrayRef zero_confidenc
   std::copy(ids.begin(), ids.end(), out.id);
   out.n_suppress = n_suppress;
   out.n = static_cast<int>(ids.size());
+  out.first_allowed = static_cast<int>(lo);
   while (std::find(ids.begin(), ids.begin() + n_suppress, out.first_allowed) !=
          ids.begin() + n_suppress)
     ++out.first_allowed;
+  if (out.first_allowed >= hi) out.first_allowed = -1;
   return out;
 }
 
@@ -470,7 +493,7 @@ SpecialIds pack_ids(at::IntArrayRef suppress_ids, at::IntArrayRef zero_confidenc
 // [B] int64 num_transfer and block_end; these checks guard direct torch.ops calls against
 // reading out of bounds.
 void check_inputs(const at::Tensor& logits, const std::optional<at::Tensor>& uncond,
-                  const at::Tensor& x, const at::Tensor& num_transfer,
+                  const at::Tensor& x, const at::Tensor* num_transfer,
                   const at::Tensor& block_end, const std::optional<at::Tensor>& seed,
                   bool needs_seed) {
   TORCH_CHECK(logits.dim() == 3, "remask_step: logits must be [B, L, V]; got ", logits.sizes());
@@ -488,7 +511,8 @@ void check_inputs(const at::Tensor& logits, const std::optional<at::Tensor>& unc
   TORCH_CHECK(x.sizes() == at::IntArrayRef({B, L}) && x.scalar_type() == at::kLong &&
                   x.device() == device,
               "remask_step: x must be [B, L] int64 on the logits' device");
-  for (const at::Tensor* t : {&num_transfer, &block_end}) {
+  for (const at::Tensor* t : {num_transfer, &block_end}) {
+    if (!t) continue;  // remask_step_stats has no num_transfer
     TORCH_CHECK(t->sizes() == at::IntArrayRef({B}) && t->scalar_type() == at::kLong &&
                     t->is_contiguous() && t->device() == device,
                 "remask_step: num_transfer and block_end must be contiguous [B] int64 tensors "
@@ -502,27 +526,20 @@ void check_inputs(const at::Tensor& logits, const std::optional<at::Tensor>& unc
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> remask_step_cuda(
-    const at::Tensor& logits, const std::optional<at::Tensor>& uncond_logits, double cfg_scale,
-    const at::Tensor& x, const at::Tensor& num_transfer, const at::Tensor& block_end,
-    int64_t mask_id, double temperature, c10::string_view remasking,
-    std::optional<double> threshold, at::IntArrayRef suppress_ids,
-    at::IntArrayRef zero_confidence_ids, const std::optional<at::Tensor>& seed) {
-  const Remasking mode = parse_remasking(remasking);
-  const bool noise = temperature > 0;
-  check_inputs(logits, uncond_logits, x, num_transfer, block_end, seed,
-               noise || mode == Remasking::Random);
-  const c10::cuda::CUDAGuard guard(logits.device());
+// Kernel 1 over the candidates: keys and x0, or (stats != nullptr) statistics and x0.
+void launch_score(const at::Tensor& logits, const std::optional<at::Tensor>& uncond_logits,
+                  double cfg_scale, const at::Tensor& x, const at::Tensor& block_end,
+                  int64_t mask_id, double temperature, Remasking mode,
+                  at::IntArrayRef suppress_ids, at::IntArrayRef zero_confidence_ids,
+                  const std::optional<at::Tensor>& seed, int64_t vocab_offset, int64_t* x0,
+                  int64_t* key, float* stats) {
   const int64_t B = logits.size(0), L = logits.size(1), V = logits.size(2);
-  auto x_new = at::empty({B, L}, x.options());
-  auto transfer = at::empty({B, L}, x.options().dtype(at::kBool));
-  if (B * L == 0) return {x_new, transfer};
-  auto x0 = at::empty({B * L}, x.options());
-  auto key = at::empty({B * L}, x.options());
+  TORCH_CHECK(vocab_offset >= 0 && vocab_offset + V < (int64_t{1} << 31),
+              "remask_step: need 0 <= vocab_offset and vocab_offset + V < 2^31; got ",
+              vocab_offset, " and V=", V);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const SpecialIds ids = pack_ids(suppress_ids, zero_confidence_ids, V);
-  const bool cfg = uncond_logits.has_value();
-
+  const SpecialIds ids = pack_ids(suppress_ids, zero_confidence_ids, vocab_offset, vocab_offset + V);
+  const bool cfg = uncond_logits.has_value(), noise = temperature > 0;
   with_scalar_type(logits.scalar_type(), [&](auto zero) {
     using scalar_t = decltype(zero);
     ScoreParams<scalar_t> p{};
@@ -539,12 +556,14 @@ std::tuple<at::Tensor, at::Tensor> remask_step_cuda(
     p.x_stride_l = x.stride(1);
     p.block_end = block_end.const_data_ptr<int64_t>();
     p.seed = seed ? seed->const_data_ptr<int64_t>() : nullptr;
-    p.x0 = x0.mutable_data_ptr<int64_t>();
-    p.key = key.mutable_data_ptr<int64_t>();
+    p.x0 = x0;
+    p.key = key;
+    p.stats = stats;
     p.B = B;
     p.L = L;
     p.mask_id = mask_id;
     p.V = static_cast<int>(V);
+    p.vocab_offset = static_cast<int>(vocab_offset);
     p.cfg_scale_plus_one = static_cast<float>(cfg_scale + 1.0);  // as the reference rounds it
     p.temperature = static_cast<float>(temperature);
     p.temperature_gumbel_max = p.temperature * kGumbelMax;
@@ -560,6 +579,28 @@ std::tuple<at::Tensor, at::Tensor> remask_step_cuda(
       });
     });
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> remask_step_cuda(
+    const at::Tensor& logits, const std::optional<at::Tensor>& uncond_logits, double cfg_scale,
+    const at::Tensor& x, const at::Tensor& num_transfer, const at::Tensor& block_end,
+    int64_t mask_id, double temperature, c10::string_view remasking,
+    std::optional<double> threshold, at::IntArrayRef suppress_ids,
+    at::IntArrayRef zero_confidence_ids, const std::optional<at::Tensor>& seed) {
+  const Remasking mode = parse_remasking(remasking);
+  check_inputs(logits, uncond_logits, x, &num_transfer, block_end, seed,
+               temperature > 0 || mode == Remasking::Random);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t B = logits.size(0), L = logits.size(1);
+  auto x_new = at::empty({B, L}, x.options());
+  auto transfer = at::empty({B, L}, x.options().dtype(at::kBool));
+  if (B * L == 0) return {x_new, transfer};
+  auto x0 = at::empty({B * L}, x.options());
+  auto key = at::empty({B * L}, x.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  launch_score(logits, uncond_logits, cfg_scale, x, block_end, mask_id, temperature, mode,
+               suppress_ids, zero_confidence_ids, seed, 0, x0.mutable_data_ptr<int64_t>(),
+               key.mutable_data_ptr<int64_t>(), nullptr);
 
   SelectParams q{};
   q.key = key.const_data_ptr<int64_t>();
@@ -580,6 +621,26 @@ std::tuple<at::Tensor, at::Tensor> remask_step_cuda(
                   stream>>>(q);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {x_new, transfer};
+}
+
+std::tuple<at::Tensor, at::Tensor> remask_step_stats_cuda(
+    const at::Tensor& logits, const std::optional<at::Tensor>& uncond_logits, double cfg_scale,
+    const at::Tensor& x, const at::Tensor& block_end, int64_t mask_id, double temperature,
+    c10::string_view remasking, at::IntArrayRef suppress_ids,
+    at::IntArrayRef zero_confidence_ids, const std::optional<at::Tensor>& seed,
+    int64_t vocab_offset) {
+  const Remasking mode = parse_remasking(remasking);
+  check_inputs(logits, uncond_logits, x, nullptr, block_end, seed,
+               temperature > 0 || mode == Remasking::Random);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t B = logits.size(0), L = logits.size(1);
+  auto stats = at::zeros({B, L, 4}, logits.options().dtype(at::kFloat));
+  auto x0 = at::zeros({B, L}, x.options());
+  if (B * L == 0) return {stats, x0};
+  launch_score(logits, uncond_logits, cfg_scale, x, block_end, mask_id, temperature, mode,
+               suppress_ids, zero_confidence_ids, seed, vocab_offset,
+               x0.mutable_data_ptr<int64_t>(), nullptr, stats.mutable_data_ptr<float>());
+  return {stats, x0};
 }
 
 at::Tensor gumbel_from_bits_cuda(const at::Tensor& bits) {
@@ -603,5 +664,6 @@ at::Tensor gumbel_from_bits_cuda(const at::Tensor& bits) {
 
 TORCH_LIBRARY_IMPL(llada, CUDA, m) {
   m.impl("remask_step", &llada::cuda::remask_step_cuda);
+  m.impl("remask_step_stats", &llada::cuda::remask_step_stats_cuda);
   m.impl("gumbel_from_bits", &llada::cuda::gumbel_from_bits_cuda);
 }

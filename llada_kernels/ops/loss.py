@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend, _checks, _machine
+from ..distributed import _exchange
 from ..reference import loss as reference
 
 OP = "masked_diffusion_loss"
@@ -32,6 +33,8 @@ def masked_diffusion_loss(
     token_weight: torch.Tensor | None = None,
     reduction: str = "sum",
     backend: str | None = None,
+    group=None,
+    vocab_offset: int = 0,
 ) -> torch.Tensor:
     """Cross-entropy of the masked positions, each divided by its mask probability (or
     multiplied by a per-token weight).
@@ -52,6 +55,14 @@ def masked_diffusion_loss(
             requires grad gets d loss / d token_weight = CE.
         reduction: "sum" (a scalar) or "none" ([B, L], 0 where not masked).
         backend: "reference", "cpu", "triton" or "cuda"; see llada_kernels._backend.
+        group, vocab_offset: vocabulary parallelism (llada_kernels.distributed): a
+            torch.distributed process group over which the vocabulary is split, and the first
+            id of this rank's shard. logits is then the shard [B, L, V_r] of ids
+            [vocab_offset, vocab_offset + V_r) (uneven shards allowed); targets, masked and
+            p_mask are the same on every rank, targets global ids. The ranks exchange three
+            numbers per position (row max, log-sum-exp, target logit), never logits; every
+            rank gets the loss of the whole vocabulary and the gradient of its own shard.
+            The backward communicates nothing.
 
     Returns:
         sum over masked (b, l) of CE(logits[b, l], targets[b, l]) / p_mask[b, l], in float32
@@ -72,9 +83,16 @@ def masked_diffusion_loss(
     log-sum-exp and the target, so large logits lose nothing (32 equal logits of 1e8: log 32).
     Unmasked rows are never read.
     """
-    B, L, V = _check(OP, logits, "logits", targets, masked, p_mask, token_weight)
+    vocab_offset = _exchange.check_args(OP, group, vocab_offset)
+    B, L, V = _check(OP, logits, "logits", targets, masked, p_mask, token_weight,
+                     sharded=group is not None)
     _checks.check_in(OP, "reduction", reduction, REDUCTIONS)
     name = _backend.resolve(OP, backend, logits.device)
+    if group is not None:
+        _vocab_parallel_supported(OP, token_weight, reduction, ("sum", "none"))
+        from ..distributed import loss as vocab_parallel
+        return vocab_parallel.masked_diffusion_loss(logits, targets, masked, p_mask, reduction,
+                                                    name, group, vocab_offset)
     if name == "reference":
         return reference.masked_diffusion_loss(logits, targets, masked, p_mask, reduction=reduction,
                                                token_weight=token_weight)
@@ -103,6 +121,8 @@ def fused_linear_masked_diffusion_loss(
     reduction: str = "sum",
     chunk_size: int | None = None,
     backend: str | None = None,
+    group=None,
+    vocab_offset: int = 0,
 ) -> torch.Tensor:
     """masked_diffusion_loss(hidden @ weight.T + bias, ...) without materialising the logits.
 
@@ -127,6 +147,16 @@ def fused_linear_masked_diffusion_loss(
             GEMMs' needs and the temporaries (llada_kernels._machine.fused_loss_chunk_rows).
         backend: the kernel that turns each chunk's logits into loss and gradient: "cpu",
             "triton", "cuda", or "reference" (the eager full-logits definition).
+        group, vocab_offset: vocabulary parallelism, as masked_diffusion_loss: weight (and
+            bias) are this rank's rows [V_r, D] of the lm_head, ids [vocab_offset,
+            vocab_offset + V_r); hidden, targets, masked and p_mask are the same on every
+            rank. Per chunk the ranks exchange three numbers per row; at the end they
+            all-reduce d hidden of the masked rows (fp32, [M, D]), so that hidden gets its
+            whole gradient, as in the single-process op (the all-reduce a column-parallel
+            lm_head needs in its backward, done here because this op makes its gradients in
+            the forward). weight and bias get their shard's gradient. Each chunk holds its
+            logits and their gradient ([chunk, V_r] twice), and every rank runs the same
+            chunks (sized from the largest shard).
 
     Returns:
         The loss, a float32 (float64) scalar (or [B, L]), as masked_diffusion_loss.
@@ -145,6 +175,7 @@ def fused_linear_masked_diffusion_loss(
     masked_diffusion_loss on materialised logits, or backend="reference". Non-finite logits
     follow masked_diffusion_loss.
     """
+    vocab_offset = _exchange.check_args(FUSED_OP, group, vocab_offset)
     B, L, D = _check(FUSED_OP, hidden, "hidden", targets, masked, p_mask, token_weight)
     _checks.check_in(FUSED_OP, "reduction", reduction, REDUCTIONS)
     _checks.check_tensor(FUSED_OP, "weight", weight, dtypes=(hidden.dtype,), ndim=2)
@@ -155,12 +186,18 @@ def fused_linear_masked_diffusion_loss(
         _checks.check_tensor(FUSED_OP, "bias", bias, dtypes=(hidden.dtype,), ndim=1)
         _checks.check_shape(FUSED_OP, "bias", bias, (V,))
         _checks.check_device(FUSED_OP, "bias", bias, hidden.device, "hidden")
-    _checks.check_index(FUSED_OP, "targets", targets, V, where=masked)
+    if group is None:
+        _checks.check_index(FUSED_OP, "targets", targets, V, where=masked)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         _checks.fail(FUSED_OP, f"chunk_size must be a positive int or None; got {chunk_size!r}")
     # The row kernels are what the backend provides; they live with masked_diffusion_loss.
     name = _backend.resolve(OP, backend, hidden.device)
+    if group is not None:
+        _vocab_parallel_supported(FUSED_OP, token_weight, reduction, ("sum",))
+        from ..distributed import loss as vocab_parallel
+        return vocab_parallel.fused_linear_masked_diffusion_loss(
+            hidden, weight, targets, masked, p_mask, bias, chunk_size, name, group, vocab_offset)
     if name == "reference":
         return reference.fused_linear_masked_diffusion_loss(
             hidden, weight, targets, masked, p_mask, bias=bias, reduction=reduction,
@@ -193,8 +230,19 @@ def _idle_rows_term(rows, weight, bias, targets, masked, weights, chunk_size, ba
     return (ce * weights).sum()
 
 
-def _check(op, x, x_name, targets, masked, p_mask, token_weight=None):
-    """Checks shared by both forms; x is logits [B, L, V] or hidden [B, L, D]."""
+def _vocab_parallel_supported(op, token_weight, reduction, reductions):
+    """What the vocabulary-parallel forms do not take yet: token_weight, and (fused) "none"."""
+    if token_weight is not None:
+        _checks.fail(op, "token_weight is not supported with group= (vocabulary parallelism) "
+                     "yet; pass p_mask (1 / token_weight) instead")
+    if reduction not in reductions:
+        _checks.fail(op, f"reduction must be one of {reductions} with group= (vocabulary "
+                     f"parallelism); got {reduction!r}")
+
+
+def _check(op, x, x_name, targets, masked, p_mask, token_weight=None, sharded=False):
+    """Checks shared by both forms; x is logits [B, L, V] or hidden [B, L, D]. With sharded
+    logits the targets are checked against the whole vocabulary later (it takes a collective)."""
     _checks.check_tensor(op, x_name, x, dtypes=_checks.FLOAT_DTYPES + (torch.float64,), ndim=3)
     B, L, last = x.shape
     for name, t, dtypes in (("targets", targets, (torch.int64,)), ("masked", masked, (torch.bool,))):
@@ -218,7 +266,7 @@ def _check(op, x, x_name, targets, masked, p_mask, token_weight=None):
     else:
         _checks.check_nonnegative_finite(op, "token_weight", token_weight,
                                          reference.accumulation_dtype(x.dtype))
-    if x_name == "logits":
+    if x_name == "logits" and not sharded:
         _checks.check_index(op, "targets", targets, last, where=masked)
     return B, L, last
 
@@ -284,21 +332,45 @@ def _chunk_rows(M, D, V, dtype):
     return _machine.fused_loss_chunk_rows(M, D, V, dtype.itemsize, acc.itemsize)
 
 
+def _row_ops(backend):
+    """The row kernels (forward, backward, in-place forward-backward) that `backend` provides."""
+    suffix = "_triton" if backend == "triton" else ""
+    return (getattr(torch.ops.llada, "masked_diffusion_loss" + suffix),
+            getattr(torch.ops.llada, "masked_diffusion_loss_backward" + suffix),
+            getattr(torch.ops.llada, "masked_diffusion_loss_fwd_bwd" + suffix))
+
+
 def _fused_impl(hidden, weight, bias, targets, weights, chunk_size, backend, compute_grad):
     """hidden [N, D], weight [V, D], bias [V] or None, targets [N], weights [N] (0 = unmasked)."""
-    N, D = hidden.shape
-    V = weight.shape[0]
-    suffix = "_triton" if backend == "triton" else ""
-    fwd_bwd = getattr(torch.ops.llada, "masked_diffusion_loss_fwd_bwd" + suffix)
-    fwd = getattr(torch.ops.llada, "masked_diffusion_loss" + suffix)
+    fwd, _, fwd_bwd = _row_ops(backend)
+
+    def step(logits, t, w):  # each chunk's loss, and its gradient written over its logits
+        if not compute_grad:
+            return fwd(logits, t, w)[0], None
+        return fwd_bwd(logits, t, w), logits
 
     rows = torch.nonzero(weights).squeeze(1)  # the one host sync: the masked count
+    chunk = chunk_size if chunk_size > 0 else _chunk_rows(rows.numel(), hidden.shape[1],
+                                                          weight.shape[0], hidden.dtype)
+    return _fused_chunks(hidden, weight, bias, targets, weights, rows, chunk, compute_grad, step)
+
+
+def _fused_chunks(hidden, weight, bias, targets, weights, rows, chunk, compute_grad, step,
+                  grad_hidden_dtype=None):
+    """The chunk loop of the fused form, over the masked rows `rows` [M] (indices into N):
+    per chunk, logits = h @ weight.T + bias [C, V], then step(logits, t, w) -> (ce [C], the
+    gradient of sum(w * ce) in the logits [C, V], possibly `logits` itself, or None without
+    gradients), which is multiplied out into d hidden, d weight and d bias. Returns the op's
+    five outputs (loss, ce, grad_hidden [N, D] in grad_hidden_dtype or hidden's, grad_weight,
+    grad_bias)."""
+    N, D = hidden.shape
+    V = weight.shape[0]
     M = rows.numel()
-    chunk = chunk_size if chunk_size > 0 else _chunk_rows(M, D, V, hidden.dtype)
     ce = torch.zeros_like(weights)  # each row's cross-entropy, 0 where unmasked
     acc = weights.dtype
     if compute_grad:
-        grad_hidden = torch.zeros_like(hidden)
+        grad_hidden = torch.zeros(hidden.shape, dtype=grad_hidden_dtype or hidden.dtype,
+                                  device=hidden.device)
         # d weight accumulates over chunks in the accumulation dtype.
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         grad_bias = torch.zeros(V, dtype=acc, device=weight.device) if bias is not None else None
@@ -307,19 +379,20 @@ def _fused_impl(hidden, weight, bias, targets, weights, chunk_size, backend, com
         h = hidden.index_select(0, index)                     # [C, D]
         logits = F.linear(h, weight, bias)                    # [C, V]
         t, w = targets.index_select(0, index), weights.index_select(0, index)
+        chunk_ce, grad = step(logits, t, w)
+        ce.index_copy_(0, index, chunk_ce)
         if not compute_grad:
-            ce.index_copy_(0, index, fwd(logits, t, w)[0])
             del logits, h
             continue
-        ce.index_copy_(0, index, fwd_bwd(logits, t, w))      # logits := d (w * ce) / d logits
-        grad_hidden.index_copy_(0, index, logits @ weight)    # [C, D]
-        if grad_weight.dtype == logits.dtype:
-            grad_weight.addmm_(logits.t(), h)
+        del logits
+        grad_hidden.index_copy_(0, index, (grad @ weight).to(grad_hidden.dtype))  # [C, D]
+        if grad_weight.dtype == grad.dtype:
+            grad_weight.addmm_(grad.t(), h)
         else:
-            grad_weight += (logits.t() @ h).to(acc)
+            grad_weight += (grad.t() @ h).to(acc)
         if grad_bias is not None:
-            grad_bias += logits.sum(0, dtype=acc)
-        del logits, h  # free this chunk before the next one is allocated
+            grad_bias += grad.sum(0, dtype=acc)
+        del grad, h  # free this chunk before the next one is allocated
     loss = (ce * weights).sum()
     if not compute_grad:
         empty = hidden.new_empty(0)

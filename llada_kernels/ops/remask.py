@@ -9,6 +9,7 @@ import torch
 
 from .. import _backend, _checks
 from ..constants import MASK_ID as LLADA_MASK_ID
+from ..distributed import _exchange
 from ..reference import remask as reference
 
 OP = "remask_step"
@@ -32,6 +33,8 @@ def remask_step(
     zero_confidence_ids: Sequence[int] = (),
     generator: torch.Generator | None = None,
     backend: str | None = None,
+    group=None,
+    vocab_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of LLaDA's low-confidence remasking sampler, for a whole batch.
 
@@ -69,6 +72,16 @@ def remask_step(
             Under torch.compile it must be None (compiled code cannot take a generator): the
             draws then come from the global RNG, seeded by torch.manual_seed.
         backend: "reference", "cpu", "triton" or "cuda"; see llada_kernels._backend.
+        group, vocab_offset: vocabulary parallelism (llada_kernels.distributed): a
+            torch.distributed process group over which the vocabulary is split, and the first
+            id of this rank's shard. logits (and uncond_logits) are then the shard
+            [B, L, V_r] of ids [vocab_offset, vocab_offset + V_r) (uneven shards allowed);
+            x, num_transfer, block_end, the ids (global) and the generator's state are the
+            same on every rank. Each rank scores its shard with the single-device kernel in
+            statistics mode, the ranks all-gather 24 bytes per position (never logits), and
+            every rank merges them into the same (x_new, transfer): x0 exactly the
+            single-process choice at every temperature (the noise is keyed by the global id),
+            confidences equal to fp32 rounding.
 
     Returns:
         x_new: [B, L] int64, x with the committed positions set to x0.
@@ -96,9 +109,12 @@ def remask_step(
         [0, 2^63) or [B] integer tensors; temperature (>= 0) and cfg_scale real and finite in
         fp32; threshold real; the ids iterables of ints in [0, V); generator a torch.Generator.
     """
+    vocab_offset = _exchange.check_args(OP, group, vocab_offset)
     B, L, V = _check(logits, x, uncond_logits, remasking)
     device = logits.device
-    mask_id = _checks.check_int(OP, "mask_id", mask_id, 0, V - 1)
+    # A shard's ids are checked against the whole vocabulary later (that takes a collective).
+    top = V if group is None else 2**62
+    mask_id = _checks.check_int(OP, "mask_id", mask_id, 0, top - 1)
     temperature = _checks.check_real(OP, "temperature", temperature, lo=0.0, f32=True)
     cfg_scale = _checks.check_real(OP, "cfg_scale", cfg_scale, f32=True)
     if threshold is not None:
@@ -109,9 +125,9 @@ def remask_step(
                          "torch.Generator: the draws then come from the global RNG "
                          "(torch.manual_seed)")
     name = _backend.resolve(OP, backend, device)
-    suppress = _checks.check_ids(OP, "suppress_ids", suppress_ids, V)
-    zero_conf = _checks.check_ids(OP, "zero_confidence_ids", zero_confidence_ids, V)
-    if len(set(suppress)) == V:
+    suppress = _checks.check_ids(OP, "suppress_ids", suppress_ids, top)
+    zero_conf = _checks.check_ids(OP, "zero_confidence_ids", zero_confidence_ids, top)
+    if len(set(suppress)) == V and group is None:
         _checks.fail(OP, f"suppress_ids covers the whole vocabulary (V={V}); nothing can be chosen")
     if name == "cuda" and len(set(suppress) | set(zero_conf)) > CUDA_MAX_SPECIAL_IDS:
         _checks.fail(OP, f"the cuda backend takes at most {CUDA_MAX_SPECIAL_IDS} distinct "
@@ -121,6 +137,13 @@ def remask_step(
     _checks.check_min(OP, "num_transfer", k, 0)
     end = _row_tensor("block_end", block_end, B, device, default=L)
 
+    if group is not None:
+        from ..distributed import remask as vocab_parallel
+        return vocab_parallel.remask_step(
+            logits, x, k, end, mask_id=mask_id, temperature=temperature, remasking=remasking,
+            threshold=threshold, uncond_logits=uncond_logits, cfg_scale=cfg_scale,
+            suppress_ids=suppress, zero_confidence_ids=zero_conf, generator=generator,
+            backend=name, group=group, offset=vocab_offset, op=OP)
     if name == "reference":
         return reference.remask_step(
             logits, x, k, mask_id=mask_id, block_end=end, temperature=temperature,
@@ -182,6 +205,14 @@ def _fake(logits, uncond_logits, cfg_scale, x, num_transfer, block_end, mask_id,
     return torch.empty_like(x), torch.empty(x.shape, dtype=torch.bool, device=x.device)
 
 
+def _stats_fake(logits, uncond_logits, cfg_scale, x, block_end, mask_id, temperature, remasking,
+                suppress_ids, zero_confidence_ids, seed, vocab_offset):
+    B, L, _ = logits.shape
+    return logits.new_empty((B, L, 4), dtype=torch.float32), torch.empty_like(x)
+
+
 def register_fakes():
     for name in ("llada::remask_step", "llada::remask_step_triton"):
         torch.library.register_fake(name)(_fake)
+    for name in ("llada::remask_step_stats", "llada::remask_step_stats_triton"):
+        torch.library.register_fake(name)(_stats_fake)

@@ -73,3 +73,30 @@ def guidelines_sft_loss(logits, input_ids, masked_indices, p_mask, prompt_length
     token_loss = F.cross_entropy(logits[masked_indices], input_ids[masked_indices],
                                  reduction="none") / p_mask[masked_indices]
     return (token_loss / answer_lengths[masked_indices]).sum() / B
+
+
+# The row kernels' contract (csrc/ops.cpp, llada::masked_diffusion_loss and _backward) in eager
+# ops: the reference backend of the vocabulary-parallel loss, which runs on each rank's shard.
+
+def row_stats(logits, weights):
+    """logits [N, V], weights [N] -> stats [N, 2] in the weights' dtype: the row max m and
+    log sum_j exp(x_j - m); (0, 0) where weight == 0, (NaN, NaN) where a logit is NaN or +inf,
+    (-inf, -inf) where every logit is -inf."""
+    x = logits.to(weights.dtype)
+    m = x.amax(-1) if x.shape[-1] else x.new_full(x.shape[:-1], float("-inf"))
+    finite = torch.isfinite(m)
+    ls = torch.log(torch.exp(x - torch.where(finite, m, 0)[:, None]).sum(-1))
+    bad = torch.where(m == float("-inf"), float("-inf"), float("nan"))
+    stats = torch.stack([torch.where(finite, m, bad), torch.where(finite, ls, bad)], 1)
+    return torch.where((weights != 0)[:, None], stats, 0)
+
+
+def row_grad(grad_ce, logits, targets, weights, stats):
+    """grad_ce * (exp((x - m) - ls) - onehot(targets)) [N, V] in the logits' dtype, from the
+    stats (m, ls) [N, 2]; no one-hot term for a target outside [0, V); 0 where weight == 0."""
+    V = logits.shape[-1]
+    x = logits.to(weights.dtype)
+    p = torch.exp((x - stats[:, :1]) - stats[:, 1:])
+    onehot = (torch.arange(V, device=x.device) == targets[:, None]).to(p.dtype)
+    grad = (p - onehot) * grad_ce[:, None]
+    return torch.where((weights != 0)[:, None], grad, 0).to(logits.dtype)

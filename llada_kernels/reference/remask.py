@@ -48,9 +48,10 @@ def gumbel_argmax(l, temperature, generator=None):
     return (l.double() - temperature * torch.log(-torch.log(u))).argmax(-1)
 
 
-def first_allowed_id(suppress_ids=()):
-    """The lowest id not in suppress_ids: x0 of a row whose choice logits are all -inf."""
-    banned, i = set(suppress_ids), 0
+def first_allowed_id(suppress_ids=(), start=0):
+    """The lowest id (>= start) not in suppress_ids: x0 of a row whose choice logits are all
+    -inf."""
+    banned, i = set(suppress_ids), start
     while i in banned:
         i += 1
     return i
@@ -119,3 +120,45 @@ def remask_step(logits, x, num_transfer, *, mask_id=126336, block_end=None, temp
     candidates = (x == mask_id) & (positions < block_end.unsqueeze(-1))
     transfer = select(conf, candidates, num_transfer, threshold)
     return torch.where(transfer, x0, x), transfer
+
+
+def shard_stats(logits, x, block_end, *, mask_id, temperature, remasking, uncond_logits=None,
+                cfg_scale=0.0, suppress_ids=(), zero_confidence_ids=(), generator=None,
+                vocab_offset=0, vocab_size=None):
+    """The statistics of llada::remask_step_stats (csrc/ops.cpp) on a vocabulary shard
+    [B, L, V_r] of ids [vocab_offset, vocab_offset + V_r), in eager ops, with this file's
+    random numbers: the float64 noise of the whole vocabulary ([B, L, vocab_size], drawn by
+    every rank from the same generator state, so that id v's draw does not depend on the split),
+    then the uniforms of "random" remasking. Returns stats [B, L, 4] float64 (y is the float64
+    noisy value) and x0 [B, L] int64, at every position (the merge masks non-candidates)."""
+    B, L, V = logits.shape
+    lo, hi = vocab_offset, vocab_offset + V
+    local = lambda ids: [i - lo for i in ids if lo <= i < hi]  # noqa: E731
+    suppress = local(suppress_ids)
+    l = _fill_ids(combined_logits(logits, uncond_logits, cfg_scale), suppress)
+    values = l
+    if temperature > 0:
+        u = torch.rand((B, L, vocab_size), dtype=torch.float64, device=l.device,
+                       generator=generator)[..., lo:hi]
+        values = l.double() - temperature * torch.log(-torch.log(u))
+    arg = values.argmax(-1)  # torch.argmax's order: NaN, then +inf, then the largest, lowest id
+    y = values.gather(-1, arg[..., None])[..., 0].double()
+    first = first_allowed_id(suppress_ids, lo)
+    none = (l == NEG_INF).all(-1)
+    x0 = torch.where(none, first - lo if first < hi else -1 - lo, arg) + lo
+    y = torch.where(none, NEG_INF, y)
+
+    z = _fill_ids(l, suppress + local(zero_confidence_ids))
+    m = z.amax(-1)
+    finite = torch.isfinite(m)
+    e = torch.exp(z - torch.where(finite, m, 0)[..., None])
+    s = torch.where(finite, e.sum(-1), 0)
+    if remasking == "random":
+        aux = torch.rand((B, L), dtype=torch.float32, device=l.device, generator=generator)
+    elif remasking == "low_confidence":
+        aux = torch.where(x0 >= 0, z.gather(-1, (x0 - lo).clamp_min(0)[..., None])[..., 0], NEG_INF)
+    elif remasking == "margin":
+        aux = z.topk(2, dim=-1).values[..., 1] if V > 1 else torch.full_like(m, NEG_INF)
+    else:
+        aux = torch.where(e > 0, e * (z - m[..., None]), 0).sum(-1)
+    return torch.stack([y, m.double(), s.double(), aux.double()], -1), x0

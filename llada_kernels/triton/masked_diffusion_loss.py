@@ -8,8 +8,9 @@ rounds to m):
     ce_r   = ls + (m - x_t)
     dx_j   = g_r * (exp((x_j - m) - ls) - [j == t])      (g_r: the gradient of ce_r)
 
-A row whose max is not finite (a NaN or +inf logit, or every logit -inf) gets stats
-(NaN, NaN): its ce and gradient are NaN (README, "Non-finite and extreme inputs").
+A row with a NaN or +inf logit gets stats (NaN, NaN), a row of -inf (-inf, -inf) (the max and
+the log of an empty sum, which a vocabulary-parallel shard may hold); either way its ce and
+gradient are NaN (README, "Non-finite and extreme inputs").
 
 Forward: one program per row, one pass over the row with an online log-sum-exp. Each block of
 BLOCK_V logits updates the running max m and the running sum s of exp(x - m):
@@ -39,7 +40,8 @@ NUM_WARPS = 8
 
 @triton.jit
 def _row_stats(row_ptr, v_end, BLOCK_V: tl.constexpr, ACC: tl.constexpr):
-    """(m, ls) of x[0, v_end), online; (NaN, NaN) when the max is not finite or v_end = 0."""
+    """(m, ls) of x[0, v_end), online; (NaN, NaN) with a NaN or +inf logit, (-inf, -inf) when
+    every logit is -inf or v_end = 0."""
     m = tl.full([], float("-inf"), ACC)
     s = tl.zeros([], ACC)
     for start in range(0, v_end, BLOCK_V):
@@ -52,8 +54,9 @@ def _row_stats(row_ptr, v_end, BLOCK_V: tl.constexpr, ACC: tl.constexpr):
         m = m_new
     # A NaN logit makes s NaN even where tl.max drops NaN; +inf makes m +inf (and s NaN).
     ok = (tl.abs(m) < float("inf")) & (s == s)
-    nan = float("nan")
-    return tl.where(ok, m, nan), tl.where(ok, tl.log(tl.where(ok, s, 1.0)), nan)
+    empty = (m == float("-inf")) & (s == 0)  # every logit -inf: the log of an empty sum
+    bad = tl.where(empty, float("-inf"), float("nan"))
+    return tl.where(ok, m, bad), tl.where(ok, tl.log(tl.where(ok, s, 1.0)), bad)
 
 
 @triton.jit

@@ -24,6 +24,10 @@ Kernel 1, _score_kernel: one program per position r = b * L + l.
         0 where the formula gives NaN: every c_v -inf, or a NaN or +inf c_v (then s is NaN),
         as the reference's nan_to_num.
     It stores x0 and key = (ordered(conf) << 31) | (2^31 - 1 - l), unique per row.
+    Stats mode (llada::remask_step_stats_triton, a vocabulary shard of ids [off, off + V)):
+    ids are global, the tiles start at the even id at or below off (so that each Philox call
+    still feeds an even and an odd id), and the program stores the statistics (y, m, s, aux)
+    and x0 instead of the key (csrc/ops.cpp states them).
 
 Kernel 2, _select_kernel: one program per row b, any L (BLOCK_L tiles).
     k = max(num_transfer[b], 0), c = #candidates,
@@ -63,7 +67,7 @@ DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 # --------------------------------------------------------------------------------------------
-# Host launcher
+# Host launchers
 # --------------------------------------------------------------------------------------------
 
 def remask_step_triton(logits, uncond_logits, cfg_scale, x, num_transfer, block_end, mask_id,
@@ -71,6 +75,41 @@ def remask_step_triton(logits, uncond_logits, cfg_scale, x, num_transfer, block_
                        seed):
     """llada::remask_step_triton (schema in csrc/ops.cpp). Arguments were checked by
     llada_kernels.remask_step; logits (and uncond_logits) have unit stride along V."""
+    B, L, V = logits.shape
+    device = logits.device
+    x_new = torch.empty((B, L), dtype=torch.int64, device=device)
+    transfer = torch.empty((B, L), dtype=torch.bool, device=device)
+    if B * L == 0:
+        return x_new, transfer
+    x0 = torch.empty((B, L), dtype=torch.int64, device=device)
+    keys = torch.empty((B, L), dtype=torch.int64, device=device)
+    _score(logits, uncond_logits, cfg_scale, x, block_end, mask_id, temperature, remasking,
+           suppress_ids, zero_confidence_ids, seed, 0, x0, keys, None)
+    block_l, select_warps = SELECT_CONFIG
+    with _device_guard(device):
+        _select_kernel[(B,)](
+            keys, x0, x, num_transfer.contiguous(), x_new, transfer,
+            L, x.stride(0), x.stride(1), _threshold_key(threshold),
+            BLOCK_L=block_l, num_warps=select_warps)
+    return x_new, transfer
+
+
+def remask_step_stats_triton(logits, uncond_logits, cfg_scale, x, block_end, mask_id,
+                             temperature, remasking, suppress_ids, zero_confidence_ids, seed,
+                             vocab_offset):
+    """llada::remask_step_stats_triton (schema in csrc/ops.cpp): kernel 1 in stats mode."""
+    B, L, V = logits.shape
+    stats = torch.zeros((B, L, 4), dtype=torch.float32, device=logits.device)
+    x0 = torch.zeros((B, L), dtype=torch.int64, device=logits.device)
+    if B * L:
+        _score(logits, uncond_logits, cfg_scale, x, block_end, mask_id, temperature, remasking,
+               suppress_ids, zero_confidence_ids, seed, vocab_offset, x0, None, stats)
+    return stats, x0
+
+
+def _score(logits, uncond_logits, cfg_scale, x, block_end, mask_id, temperature, remasking,
+           suppress_ids, zero_confidence_ids, seed, vocab_offset, x0, keys, stats):
+    """Launches kernel 1: keys, or (stats mode) stats, and x0."""
     B, L, V = logits.shape
     device = logits.device
     if device.type == "cpu" and not interpreting():
@@ -84,37 +123,31 @@ def remask_step_triton(logits, uncond_logits, cfg_scale, x, num_transfer, block_
         raise ValueError("remask_step_triton: seed ([1] int64) is required when temperature > 0 "
                          f"or remasking == 'random'; got temperature={temperature}, "
                          f"remasking={remasking!r}")
-    x_new = torch.empty((B, L), dtype=torch.int64, device=device)
-    transfer = torch.empty((B, L), dtype=torch.bool, device=device)
-    if B * L == 0:
-        return x_new, transfer
-    x0 = torch.empty((B, L), dtype=torch.int64, device=device)
-    keys = torch.empty((B, L), dtype=torch.int64, device=device)
-    num_transfer = num_transfer.contiguous()
     block_end = block_end.contiguous()
-    special, n_suppress = _special_ids(tuple(suppress_ids), tuple(zero_confidence_ids), device)
+    lo, hi = vocab_offset, vocab_offset + V
+    suppress = tuple(i for i in suppress_ids if lo <= i < hi)  # other shards' ids match nothing
+    zero = tuple(i for i in zero_confidence_ids if lo <= i < hi)
+    special, n_suppress = _special_ids(suppress, zero, device)
+    first_allowed = first_allowed_id(suppress, lo)
     un = logits if uncond_logits is None else uncond_logits
     block_v, score_warps = SCORE_CONFIG
-    block_l, select_warps = SELECT_CONFIG
-
     with _device_guard(device):
         _score_kernel[(B * L,)](
             logits, un, x, block_end, special, block_end if seed is None else seed,
-            x0, keys,
+            x0, x0 if keys is None else keys,
+            torch.empty(1, dtype=torch.float32, device=device) if stats is None else stats,
             L, V, logits.stride(0), logits.stride(1), un.stride(0), un.stride(1),
             x.stride(0), x.stride(1),
             mask_id, float(cfg_scale) + 1.0, float(temperature), REMASKING[remasking],
-            special.numel(), n_suppress, first_allowed_id(suppress_ids),
+            special.numel(), n_suppress, first_allowed if first_allowed < hi else -1,
+            vocab_offset, stats is not None,
             HAS_CFG=uncond_logits is not None, SAMPLE=sample, BLOCK_V=block_v,
             num_warps=score_warps)
-        _select_kernel[(B,)](
-            keys, x0, x, num_transfer, x_new, transfer,
-            L, x.stride(0), x.stride(1), _threshold_key(threshold),
-            BLOCK_L=block_l, num_warps=select_warps)
-    return x_new, transfer
 
 
 torch.library.register_kernel("llada::remask_step_triton", ("cuda", "cpu"), remask_step_triton)
+torch.library.register_kernel("llada::remask_step_stats_triton", ("cuda", "cpu"),
+                              remask_step_stats_triton)
 
 
 @functools.lru_cache(maxsize=64)
@@ -150,6 +183,7 @@ def _score_kernel(
     special_ids_ptr,  # [n_special] int64: the suppress ids, then the zero-confidence ids
     seed_ptr,  # [1] int64
     x0_ptr, key_ptr,  # [B, L] int64 outputs, contiguous
+    stats_ptr,  # [B, L, 4] fp32 output in stats mode (else unused)
     L: tl.int64, V: tl.int64,
     stride_lb: tl.int64, stride_ll: tl.int64, stride_ub: tl.int64, stride_ul: tl.int64,
     stride_xb: tl.int64, stride_xl: tl.int64,
@@ -158,7 +192,9 @@ def _score_kernel(
     temperature: tl.float32,
     remasking: tl.int32,  # REMASKING
     n_special: tl.int32, n_suppress: tl.int32,
-    first_allowed: tl.int64,  # the lowest id not suppressed: x0 of a row of -inf
+    first_allowed: tl.int64,  # the lowest id not suppressed: x0 of a row of -inf (-1: none)
+    vocab_offset: tl.int64,  # the global id of the logits' first column (0 but for a shard)
+    stats_mode: tl.int32,  # store stats and x0 (llada::remask_step_stats_triton), not keys
     HAS_CFG: tl.constexpr, SAMPLE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)  # the position b * L + l, also the noise stream
@@ -177,18 +213,21 @@ def _score_kernel(
         FLT_MAX = 3.4028234663852886e38
         best = tl.full((), NEG_INF, tl.float32)  # max of the finite choice logits z + T g
         x0 = tl.full((), 0, tl.int64)
-        first_code = 2 * V  # min over ids of: id (z NaN), V + id (z = +inf), 2V (otherwise)
+        # Global ids [lo, hi), tiles from the even id lo: Philox pairs stay (2j, 2j + 1).
+        hi = vocab_offset + V
+        lo = vocab_offset - vocab_offset % 2
+        first_code = 2 * hi  # min over ids of: id (z NaN), hi + id (z = +inf), 2 hi (otherwise)
         c_x0 = tl.full((), NEG_INF, tl.float32)  # x0's confidence logit
         m = tl.full((), NEG_INF, tl.float32)
         m2 = tl.full((), NEG_INF, tl.float32)
         s = tl.full((), 0.0, tl.float32)
         t = tl.full((), 0.0, tl.float32)
-        for v0 in range(0, V, BLOCK_V):
+        for v0 in range(lo, hi, BLOCK_V):
             ids = v0 + offs
-            in_vocab = ids < V
-            z = tl.load(row + ids, mask=in_vocab, other=0.0).to(tl.float32)
+            in_vocab = (ids >= vocab_offset) & (ids < hi)
+            z = tl.load(row + (ids - vocab_offset), mask=in_vocab, other=0.0).to(tl.float32)
             if HAS_CFG:
-                un = tl.load(urow + ids, mask=in_vocab, other=0.0).to(tl.float32)
+                un = tl.load(urow + (ids - vocab_offset), mask=in_vocab, other=0.0).to(tl.float32)
                 z = un + cfg_weight * (z - un)
             z = tl.where(in_vocab, z, NEG_INF)
             c = z
@@ -199,7 +238,7 @@ def _score_kernel(
 
             # x0: the first NaN, then the first +inf, apart; then a running argmax of the
             # finite choice logits (a later tile must be strictly better).
-            code = tl.where(z != z, ids, tl.where(z == INF, V + ids, 2 * V))
+            code = tl.where(z != z, ids, tl.where(z == INF, hi + ids, 2 * hi))
             first_code = tl.minimum(first_code, tl.min(code, axis=0))
             finite_z = tl.where(tl.abs(z) < INF, z, NEG_INF)
             if SAMPLE:
@@ -236,10 +275,10 @@ def _score_kernel(
 
         # x0 by the contract: NaN, then +inf, then the finite argmax, then first_allowed. A
         # non-finite x0 scores 0 (s is NaN, or x0's confidence logit is -inf).
-        x0 = tl.where(first_code < V, first_code,
-                      tl.where(first_code < 2 * V, first_code - V,
+        x0 = tl.where(first_code < hi, first_code,
+                      tl.where(first_code < 2 * hi, first_code - hi,
                                tl.where(best > NEG_INF, x0, first_allowed)))
-        c_x0 = tl.where(first_code < 2 * V, NEG_INF, c_x0)
+        c_x0 = tl.where(first_code < 2 * hi, NEG_INF, c_x0)
         # Score x0. Every formula is finite when the c_v are finite or -inf and some c_v is
         # finite (s >= 1); else it is NaN (a NaN or +inf c_v makes s NaN) and conf = 0.
         finite = m > NEG_INF
@@ -255,7 +294,17 @@ def _score_kernel(
             conf = remask_uniform(seed, r)
         key = selection_key(conf + 0.0, l)  # + 0.0: -0 -> +0, equal confidences tie by position
         tl.store(x0_ptr + r, x0)
-    tl.store(key_ptr + r, key)
+        if stats_mode != 0:
+            y = tl.where(first_code < hi, float("nan"), tl.where(first_code < 2 * hi, INF, best))
+            aux = tl.where(remasking == _LOW_CONFIDENCE, c_x0,
+                           tl.where(remasking == _MARGIN, m2,
+                                    tl.where(remasking == _ENTROPY, t, conf)))
+            tl.store(stats_ptr + 4 * r, y)
+            tl.store(stats_ptr + 4 * r + 1, m)
+            tl.store(stats_ptr + 4 * r + 2, s)
+            tl.store(stats_ptr + 4 * r + 3, aux)
+    if stats_mode == 0:
+        tl.store(key_ptr + r, key)
 
 
 @triton.jit
@@ -332,9 +381,11 @@ def _score_spec(dtype, has_cfg, sample):
     signature = dict(
         logits_ptr=f"*{dtype}", uncond_ptr=f"*{dtype}", x_ptr="*i64", block_end_ptr="*i64",
         special_ids_ptr="*i64", seed_ptr="*i64", x0_ptr="*i64", key_ptr="*i64",
+        stats_ptr="*fp32",
         L=i64, V=i64, stride_lb=i64, stride_ll=i64, stride_ub=i64, stride_ul=i64,
         stride_xb=i64, stride_xl=i64, mask_id=i64, cfg_weight="fp32", temperature="fp32",
-        remasking="i32", n_special="i32", n_suppress="i32", first_allowed="i64")
+        remasking="i32", n_special="i32", n_suppress="i32", first_allowed="i64",
+        vocab_offset=i64, stats_mode="i32")
     aligned = tuple(p for p in signature if p.endswith("_ptr")) + (
         "V", "stride_lb", "stride_ll", "stride_ub", "stride_ul")  # V = 126464 = 16 * 7904
     name = f"remask_score_{dtype}{'_cfg' if has_cfg else ''}_{'sample' if sample else 'argmax'}"
