@@ -95,13 +95,31 @@ class _TextBar:
         pass
 
 
+def _optimizer(model, cfg: DemoConfig, total: int):
+    """AdamW with a 50-step warm-up and a cosine decay over `total` steps."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    return opt, sched
+
+
+def _step(loss, model, opt, sched, bar, step: int):
+    """One optimiser step on `loss` (gradients clipped to norm 1), and the progress bar."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    bar.update(1)
+    if step % 25 == 0:
+        bar.set_postfix_str(f"loss {loss.item():.3f}")
+
+
 def train(model, cfg: DemoConfig, log=print):
     """Pre-training then SFT with AdamW and a cosine schedule. Returns seconds per step."""
     g = torch.Generator().manual_seed(cfg.seed + 1)
     total = cfg.pretrain_steps + cfg.sft_steps
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    opt, sched = _optimizer(model, cfg, total)
     model.train()
     times = {}
     for phase, steps in (("pre-train", cfg.pretrain_steps), ("SFT", cfg.sft_steps)):
@@ -115,14 +133,7 @@ def train(model, cfg: DemoConfig, log=print):
             else:
                 lengths = torch.full((cfg.batch_size,), prompt.shape[1])
                 loss = training.sft_loss(model, ids, lengths, generator=g)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            bar.update(1)
-            if step % 25 == 0:
-                bar.set_postfix_str(f"loss {loss.item():.3f}")
+            _step(loss, model, opt, sched, bar, step)
         bar.close()
         times[phase] = (time.perf_counter() - start) / max(1, steps)
         log(f"{phase}: {steps} steps, {1e3 * times[phase]:.1f} ms/step, last loss {loss.item():.3f}")

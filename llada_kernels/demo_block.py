@@ -13,14 +13,13 @@ tokens per second. The same task as `llada-kernels demo` (see demo.py).
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
 
 from . import training
 from .block_generate import block_generate
-from .demo import EOS, MASK, SEP, DemoConfig, _progress, make_batch
+from .demo import EOS, MASK, SEP, DemoConfig, _optimizer, _progress, _step, make_batch
 from .model import LLaDAConfig, LLaDAModel
 
 
@@ -49,9 +48,7 @@ def train(model, cfg: DemoConfig, log=print) -> float:
     AdamW with warm-up and a cosine schedule. Returns seconds per step."""
     g = torch.Generator().manual_seed(cfg.seed + 1)
     steps = cfg.sft_steps
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    opt, sched = _optimizer(model, cfg, steps)
     model.train()
     bar = _progress(steps, "block-diffusion training", log)
     start = time.perf_counter()
@@ -62,14 +59,7 @@ def train(model, cfg: DemoConfig, log=print) -> float:
         maskable[:, prompt.shape[1]:] = True
         loss = training.block_diffusion_loss(model, ids, maskable=maskable, noise_range=(0.1, 1.0),
                                              complementary=True, generator=g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        bar.update(1)
-        if step % 25 == 0:
-            bar.set_postfix_str(f"loss {loss.item():.3f}")
+        _step(loss, model, opt, sched, bar, step)
     bar.close()
     seconds = (time.perf_counter() - start) / max(1, steps)
     log(f"training: {steps} steps, {1e3 * seconds:.1f} ms/step, last loss {loss.item():.3f}")

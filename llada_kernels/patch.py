@@ -149,6 +149,8 @@ def _patched_sdpa(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False)
         return self._llada_original_sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                          is_causal=is_causal)
     state.calls["op"] += 1
+    if isinstance(key_mask, masks.AttentionMask):
+        return ops.attention.attention(q, k, v, key_mask, backend=state.backend)
     return ops.attention.attention(q, k, v, key_padding_mask=key_mask, backend=state.backend)
 
 
@@ -162,7 +164,8 @@ def _warn_once(state, key, why):
 
 
 def _key_mask(state, attn_mask, B, Lq, Lk):
-    """(None or a [B, Lk] bool key mask, None) when the op can run, or (None, why not)."""
+    """(None, a [B, Lk] bool key mask or an AttentionMask; None) when the op can run, or
+    (None, why not)."""
     if attn_mask is None:
         return None, None
     shape = tuple(attn_mask.shape)
@@ -174,9 +177,24 @@ def _key_mask(state, attn_mask, B, Lq, Lk):
         return fk[2], None                  # the file's bias of this forward's attention_mask
     keep = _dense_key_mask(state, attn_mask)
     if keep is None:
-        return None, (f"an attention bias of shape {list(shape)} that is not key padding "
-                      "(e.g. causal, ALiBi or block masks)")
+        return None, (f"an attention bias of shape {list(shape)} that is not key padding, "
+                      "block-causal or the 2L block-diffusion mask (e.g. ALiBi or a sliding "
+                      "window)")
+    if isinstance(keep, masks.AttentionMask):
+        return keep, None
     return keep.expand(B, Lk), None
+
+
+def _one_value_per_row(m):
+    """Whether each query row of a [B or 1, 1, Lq, Lk] bias adds one value to every key it
+    attends (softmax drops it: the bias is a mask); always for a bool mask."""
+    if m.dtype == torch.bool:
+        return True
+    bias = m[:, 0]
+    keep = bias > torch.finfo(m.dtype).min / 2
+    hi = bias.masked_fill(~keep, -float("inf")).amax(-1)
+    lo = bias.masked_fill(~keep, float("inf")).amin(-1)
+    return not bool(((hi != lo) & keep.any(-1)).any())
 
 
 def _dense_key_mask(state, m):
@@ -198,6 +216,8 @@ def _dense_key_mask(state, m):
         lo = m[:, 0].masked_fill(~keep, float("inf")).amin(-1)
         bad |= ((hi != lo) & keep.any(-1)).any()
     result = None if bool(bad) else keep[:, 0]
+    if result is None and m.shape[2] > 1 and _one_value_per_row(m):
+        result = dense_to_structured(m)  # per-query rows: block-causal (causal) or the 2L mask
     state.dense = (weakref.ref(source), source._version, view, result)
     return result
 

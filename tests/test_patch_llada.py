@@ -1,14 +1,15 @@
 """patch_llada on the released architecture's own file (dllm's copy of LLaDA's
 modeling_llada.py, from shared/oracles; skipped without it): a padded batch runs our op in
 every block, with the logits, gradients and training loss of the unpatched model; other
-biases fall back with one warning (issue 12 item 1)."""
+block-causal and 2L biases run our op too; other biases fall back with one warning (issue 12
+item 1)."""
 
 import warnings
 
 import pytest
 import torch
 
-from llada_kernels import ops, patch, training
+from llada_kernels import masks, ops, patch, training
 from llada_kernels.patch import PatchFallbackWarning, patch_llada, patch_stats
 from oracles import released_llada
 from test_trainer import MASK, V, tiny_model
@@ -141,19 +142,47 @@ def test_dense_key_mask_is_computed_once_per_bias_tensor(monkeypatch):
     assert patch._dense_key_mask(state, bias[:, :, :, :]) is None and computed
 
 
-def test_other_biases_fall_back_with_one_warning():
-    """A causal bias is not key padding: the original attention runs (same logits), with one
-    PatchFallbackWarning for the model however many blocks and calls."""
+def _structured_bias(kind, length):
+    if kind == "causal":
+        return torch.ones(length, length, dtype=torch.bool).tril()[None, None]
+    if kind == "block_causal_additive":   # the released file's float form: 0 / finfo.min
+        see = masks.block_causal(4, seq_len=length).to_dense()[:, None]
+        return torch.zeros(see.shape).masked_fill(~see, torch.finfo(torch.float32).min)
+    return masks.block_diffusion(3, length // 2).to_dense()[:, None]    # the 2L mask
+
+
+@pytest.mark.parametrize("kind", ["causal", "block_causal_additive", "two_l"])
+def test_block_causal_and_2l_biases_run_the_op(kind):
+    """A bias that is block-causal (causal included) or the 2L block-diffusion mask runs our op
+    in every block, with the unpatched model's logits (issue 12 item 1)."""
     hf, plain = pair()
     patch_llada(hf)
     ids, _ = batch()
-    causal = torch.ones(L, L, dtype=torch.bool).tril()[None, None]
-    with pytest.warns(PatchFallbackWarning, match=r"not key padding \(e.g. causal") as record:
-        got = hf(ids, attention_bias=causal).logits
-        hf(ids, attention_bias=causal)
+    ids = ids[:, :10]
+    bias = _structured_bias(kind, ids.shape[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PatchFallbackWarning)
+        got = hf(ids, attention_bias=bias).logits
+    assert patch_stats(hf) == {"op": LAYERS, "original": 0}
+    torch.testing.assert_close(got, plain(ids, attention_bias=bias).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_other_biases_fall_back_with_one_warning():
+    """A sliding-window bias is neither key padding nor block-causal nor the 2L mask: the
+    original attention runs (same logits), with one PatchFallbackWarning for the model however
+    many blocks and calls."""
+    hf, plain = pair()
+    patch_llada(hf)
+    ids, _ = batch()
+    i = torch.arange(L)
+    window = ((i[:, None] - i[None, :]).abs() <= 2)[None, None]
+    with pytest.warns(PatchFallbackWarning, match=r"not key padding, block-causal or the 2L") \
+            as record:
+        got = hf(ids, attention_bias=window).logits
+        hf(ids, attention_bias=window)
     assert len([w for w in record if w.category is PatchFallbackWarning]) == 1
     assert patch_stats(hf) == {"op": 0, "original": 2 * LAYERS}
-    torch.testing.assert_close(got, plain(ids, attention_bias=causal).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, plain(ids, attention_bias=window).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_additive_bias_that_is_not_a_mask_falls_back():
