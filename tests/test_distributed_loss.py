@@ -255,6 +255,14 @@ def check_bad_input(ctx):
         x = shard.clone().requires_grad_()
         out = masked_diffusion_loss(x, targets, masked, p_mask, vocab_offset=lo, **kw)
         torch.autograd.grad(out, x, create_graph=True)
+    # Not supported with group= yet: refused by name, on every rank, before any collective.
+    with pytest.raises(ValueError, match="token_weight is not supported with group="):
+        masked_diffusion_loss(shard, targets, masked, token_weight=torch.ones(1), vocab_offset=lo,
+                              **kw)
+    hidden, head = torch.randn(1, 4, 3), torch.randn(hi - lo, 3)
+    with pytest.raises(ValueError, match=r"reduction must be one of \('sum',\) with group="):
+        fused_linear_masked_diffusion_loss(hidden, head, targets, masked, p_mask, reduction="none",
+                                           vocab_offset=lo, **kw)
     assert vocab_range(10, ctx.pair) == (lo, hi)
 
 

@@ -33,7 +33,7 @@ def masked_diffusion_loss(logits, targets, masked, p_mask, reduction, backend, g
     rows = logits.reshape(B * L, V)
     rows = rows if rows.stride(-1) == 1 else rows.contiguous()
     _check_vocabulary(ops.OP, group, offset, V, B * L, targets, masked, logits.device)
-    weights = ops._row_weights(masked, p_mask, B, L, logits.dtype)  # differentiable in p_mask
+    weights = ops._row_weights(masked, p_mask, None, B, L, logits.dtype)  # differentiable in p_mask
     ce = _ShardedCrossEntropy.apply(rows, targets.reshape(-1) - offset, weights.detach(),
                                     backend, group)
     losses = ce * weights
@@ -49,7 +49,7 @@ def fused_linear_masked_diffusion_loss(hidden, weight, targets, masked, p_mask, 
         return masked_diffusion_loss(logits, targets, masked, p_mask, "sum", backend, group, offset)
     compute_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
-    weights = ops._row_weights(masked, p_mask, B, L, hidden.dtype)
+    weights = ops._row_weights(masked, p_mask, None, B, L, hidden.dtype)
     return _ShardedFusedLinear.apply(hidden.reshape(B * L, D), weight, bias, targets.reshape(-1),
                                      weights, chunk_size or 0, backend, compute_grad, group,
                                      offset, masked)
