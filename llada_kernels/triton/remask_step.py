@@ -140,7 +140,7 @@ def _score(logits, uncond_logits, cfg_scale, x, block_end, mask_id, temperature,
             x.stride(0), x.stride(1),
             mask_id, float(cfg_scale) + 1.0, float(temperature), REMASKING[remasking],
             special.numel(), n_suppress, first_allowed if first_allowed < hi else -1,
-            vocab_offset, stats is not None,
+            vocab_offset, int(stats is not None),  # int, not bool: Triton 3.6's interpreter
             HAS_CFG=uncond_logits is not None, SAMPLE=sample, BLOCK_V=block_v,
             num_warps=score_warps)
 
