@@ -210,14 +210,12 @@ def _dense_key_mask(state, m):
             and cached[2] == view:
         return cached[3]
     keep = m[:, 0] if m.dtype == torch.bool else m[:, 0] > torch.finfo(m.dtype).min / 2
-    bad = (keep != keep[:, :1]).any()                         # rows differ: not key padding
-    if m.dtype != torch.bool:  # the attended keys of a row must share one value (softmax drops it)
-        hi = m[:, 0].masked_fill(~keep, -float("inf")).amax(-1)
-        lo = m[:, 0].masked_fill(~keep, float("inf")).amin(-1)
-        bad |= ((hi != lo) & keep.any(-1)).any()
-    result = None if bool(bad) else keep[:, 0]
-    if result is None and m.shape[2] > 1 and _one_value_per_row(m):
-        result = dense_to_structured(m)  # per-query rows: block-causal (causal) or the 2L mask
+    result = None
+    if _one_value_per_row(m):  # else not a mask at all (e.g. ALiBi)
+        if not bool((keep != keep[:, :1]).any()):    # every query row the same: key padding
+            result = keep[:, 0]
+        elif m.shape[2] > 1:  # per-query rows: block-causal (causal) or the 2L mask, else None
+            result = dense_to_structured(m)
     state.dense = (weakref.ref(source), source._version, view, result)
     return result
 
