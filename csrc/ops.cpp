@@ -41,7 +41,7 @@ TORCH_LIBRARY(llada, m) {
 #define REMASK_STEP_SCHEMA                                                                    \
   "(Tensor logits, Tensor? uncond_logits, float cfg_scale, Tensor x, Tensor num_transfer, "   \
   "Tensor block_end, int mask_id, float temperature, str remasking, float? threshold, "       \
-  "int[] suppress_ids, int[] zero_confidence_ids, Tensor? seed, float? edit_threshold=None, "   \
+  "int[] suppress_ids, int[] zero_confidence_ids, Tensor? seed, float? edit_threshold=None, " \
   "Tensor? editable=None) -> (Tensor x_new, Tensor transfer)"
   m.def("remask_step" REMASK_STEP_SCHEMA);
   m.def("remask_step_triton" REMASK_STEP_SCHEMA);

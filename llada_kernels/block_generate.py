@@ -29,7 +29,8 @@ same tokens as diffusers' LLaDA2Pipeline):
     the steps, so with steps <= block_length every step commits at least one token
     (LLaDA2's rule); threshold=None (or > 1) is plain low-confidence top-k;
   * editing (LLaDA2.1, editing_threshold): a committed, non-prompt position of the block is
-    replaced by x0 when x0 differs and its confidence > editing_threshold. Once the block has
+    replaced by x0 when x0 differs and its confidence > editing_threshold (remask_step's
+    edit_threshold, in the step's one pass over the logits). Once the block has
     no mask left, steps continue while some position was edited, at most max_post_steps.
 
 Layout (LLaDA2's and diffusers'): blocks are aligned to absolute positions 0, b, 2b, ...; the

@@ -297,3 +297,15 @@ def test_opcheck_with_editing(name):
     op = getattr(torch.ops.llada, name)
     torch.library.opcheck(op, args, dict(edit_threshold=0.2, editable=editable))
     torch.library.opcheck(op, args, dict(edit_threshold=0.2))
+
+
+def test_torch_compile_fullgraph_with_editing():
+    logits, x = make_inputs(2, 8, 30, seed=6)
+    editable = torch.rand(2, 8, generator=torch.Generator().manual_seed(0)) < 0.6
+    step = torch.compile(lambda l, x, e: remask_step(l, x, 3, mask_id=MASK, edit_threshold=0.2,
+                                                     editable=e, backend="cpu"), fullgraph=True)
+    got = step(logits, x, editable)
+    want = remask_step(logits, x, 3, mask_id=MASK, edit_threshold=0.2, editable=editable,
+                       backend="reference")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert (want[1] & (x != MASK)).any()
