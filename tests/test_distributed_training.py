@@ -147,7 +147,8 @@ BD_V, BD_MASK, BD_L = 48, 47, 16
 BD_CASES = {  # name: (block_diffusion_loss's keyword arguments, documents packed?)
     "dfactory": (dict(), False),
     "complementary_packed": (dict(complementary=True), True),
-    "bd3lm_maskable": (dict(noise_range=(1e-3, 1.0), loss_weight="elbo", normalize="maskable"), False),
+    "bd3lm_maskable": (dict(noise_range=(1e-3, 1.0), loss_weight="elbo", normalize="maskable"),
+                       False),
 }
 
 
