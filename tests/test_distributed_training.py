@@ -130,6 +130,20 @@ def test_bad_arguments():
     if not torch.distributed.is_initialized():
         with pytest.raises(RuntimeError, match="init_process_group"):
             wrap_ddp(model)
+        ids, kw, _ = bd_batch("dfactory", 0)
+        with pytest.raises(RuntimeError, match="block_diffusion_loss: dp_group was given but "
+                                               "torch.distributed is not initialised"):
+            training.block_diffusion_loss(make_block_model(), ids, dp_group=object())
+
+
+def check_bad_dp_group(ctx):
+    ids, _, _ = bd_batch("dfactory", 0)
+    with pytest.raises(TypeError, match="dp_group must be a torch.distributed.ProcessGroup"):
+        training.block_diffusion_loss(make_block_model(), ids, dp_group="world")
+
+
+def test_bad_dp_group(pool):
+    pool.run(check_bad_dp_group)
 
 
 def test_training_loss_is_the_trainer_loss():
