@@ -273,11 +273,13 @@ def test_fused_form(pool, splits, chunk_size, bias):
     assert all(r == results[0] for r in results)  # the loss and d hidden, bitwise on every rank
 
 
-FUSED_WEIGHTED = {  # id: (splits, chunk_size, bias, weighting, reduction, weight_grad)
-    "token_weight_2_ranks": (PAIR, 3, False, "token_weight", "sum", True),
-    "token_weight_no_grad_3_ranks_uneven": (UNEVEN, 2, True, "token_weight", "sum", False),
-    "none_2_ranks": (PAIR, None, True, "p_mask", "none", True),
-    "none_token_weight_3_ranks_uneven": (UNEVEN, 2, True, "token_weight", "none", True),
+FP32, BF16 = torch.float32, torch.bfloat16
+FUSED_WEIGHTED = {  # id: (dtype, splits, chunk_size, bias, weighting, reduction, weight_grad)
+    "token_weight_2_ranks": (FP32, PAIR, 3, False, "token_weight", "sum", True),
+    "token_weight_no_grad_3_ranks_uneven": (FP32, UNEVEN, 2, True, "token_weight", "sum", False),
+    "none_2_ranks": (FP32, PAIR, None, True, "p_mask", "none", True),
+    "none_token_weight_3_ranks_uneven": (FP32, UNEVEN, 2, True, "token_weight", "none", True),
+    "none_token_weight_bf16_2_ranks": (BF16, PAIR, 3, True, "token_weight", "none", True),
 }
 
 
@@ -285,7 +287,7 @@ FUSED_WEIGHTED = {  # id: (splits, chunk_size, bias, weighting, reduction, weigh
 def test_fused_form_token_weight_and_none(pool, case):
     """token_weight (its zero rows run only when it needs their gradient, as on one device) and
     reduction="none" (the backward from the kept statistics, with a random upstream gradient)."""
-    results = pool.run(check_fused, torch.float32, *FUSED_WEIGHTED[case])
+    results = pool.run(check_fused, *FUSED_WEIGHTED[case])
     results = [r for r in results if r is not None]
     assert all(r == results[0] for r in results)
 
@@ -316,9 +318,15 @@ def check_bad_input(ctx):
         x = shard.clone().requires_grad_()
         out = masked_diffusion_loss(x, targets, masked, p_mask, vocab_offset=lo, **kw)
         torch.autograd.grad(out, x, create_graph=True)
+    head = torch.randn(hi - lo, 3)
+    mine = masked.clone()
+    mine[0, 0] = ctx.rank == 0  # the ranks' masked differ: 4 rows on rank 0, 3 on rank 1
+    with pytest.raises(ValueError, match="same masked and token_weight.*4 on rank 0, 3 on rank 1"):
+        fused_linear_masked_diffusion_loss(torch.randn(1, 4, 3), head, targets, mine, p_mask,
+                                           vocab_offset=lo, **kw)
     hidden = torch.randn(1, 4, 3, requires_grad=True)
     with pytest.raises(RuntimeError, match="double backward"):
-        out = fused_linear_masked_diffusion_loss(hidden, torch.randn(hi - lo, 3), targets, masked,
+        out = fused_linear_masked_diffusion_loss(hidden, head, targets, masked,
                                                  p_mask, reduction="none", vocab_offset=lo, **kw)
         torch.autograd.grad(out.sum(), hidden, create_graph=True)
     assert vocab_range(10, ctx.pair) == (lo, hi)

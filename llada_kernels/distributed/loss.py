@@ -150,7 +150,7 @@ def _plan(hidden, weight, targets, masked, active, chunk_size, group, offset):
     N, D = hidden.shape
     rows = torch.nonzero(active).squeeze(1)
     layout = _exchange.layout(FUSED_OP, group, offset, weight.shape[0], N, hidden.device,
-                              name="weight")
+                              name="weight", active=rows.numel())
     if _checks.values_checked():
         _checks.check_index(FUSED_OP, "targets", targets, layout.total, where=masked.reshape(-1))
     chunk = chunk_size if chunk_size > 0 else ops._chunk_rows(

@@ -60,10 +60,9 @@ def masked_diffusion_loss(
             id of this rank's shard. logits is then the shard [B, L, V_r] of ids
             [vocab_offset, vocab_offset + V_r) (uneven shards allowed); targets, masked and
             p_mask (or token_weight) are the same on every rank, targets global ids; both
-            reductions. The ranks exchange three
-            numbers per position (row max, log-sum-exp, target logit), never logits; every
-            rank gets the loss of the whole vocabulary and the gradient of its own shard.
-            The backward communicates nothing.
+            reductions. The ranks exchange three numbers per position (row max, log-sum-exp,
+            target logit), never logits; every rank gets the loss of the whole vocabulary and
+            the gradient of its own shard. The backward communicates nothing.
 
     Returns:
         sum over masked (b, l) of CE(logits[b, l], targets[b, l]) / p_mask[b, l], in float32
@@ -149,14 +148,15 @@ def fused_linear_masked_diffusion_loss(
             "triton", "cuda", or "reference" (the eager full-logits definition).
         group, vocab_offset: vocabulary parallelism, as masked_diffusion_loss: weight (and
             bias) are this rank's rows [V_r, D] of the lm_head, ids [vocab_offset,
-            vocab_offset + V_r); hidden, targets, masked and p_mask (or token_weight) are
-            the same on every rank. Per chunk the ranks exchange three numbers per row; at the
-            end they all-reduce d hidden of the masked rows (fp32, [M, D]), so that hidden gets its
-            whole gradient, as in the single-process op (the all-reduce a column-parallel
-            lm_head needs in its backward, done here because this op makes its gradients in
-            the forward). weight and bias get their shard's gradient. Each chunk holds its
-            logits and their gradient ([chunk, V_r] twice), and every rank runs the same
-            chunks (sized from the largest shard). With reduction="none" the forward keeps
+            vocab_offset + V_r); hidden, targets, masked and p_mask (or token_weight, its
+            requires_grad too) are the same on every rank. Per chunk the ranks exchange three
+            numbers per row; at the end they all-reduce d hidden of the masked rows (fp32,
+            [M, D]), so that hidden gets its whole gradient, as in the single-process op (the
+            all-reduce a column-parallel lm_head needs in its backward, done here because this
+            op makes its gradients in the forward). weight and bias get their shard's
+            gradient. Each chunk holds its logits and their gradient ([chunk, V_r] twice), and
+            every rank runs the same chunks (sized from the largest shard; a rank whose masked
+            rows differ in number is refused by name). With reduction="none" the forward keeps
             each row's whole-vocabulary (max, log-sum-exp) ([B * L, 2] fp32), so that the
             backward's recomputed chunks exchange nothing; its one collective is the
             all-reduce of d hidden (every rank must run that backward).
