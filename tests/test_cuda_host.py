@@ -149,6 +149,13 @@ def test_remask_step_editing_draws_match_the_cpu_kernel():
         assert (want[1] & (x != remask.MASK)).any()
 
 
+def test_remask_step_editing_refused_with_another_mode():
+    logits, x = remask.make_inputs(2, 6, 20, seed=1)
+    args = _op_args(logits, x, torch.tensor([2, 1]), temperature=0.0, mode="margin", seed=1)
+    with pytest.raises(RuntimeError, match="edit_threshold needs remasking='low_confidence'"):
+        run("remask_step", args, dict(edit_threshold=0.2))
+
+
 def test_gumbel_from_bits_matches_the_cpu_kernel():
     extremes = [0, 1, 2047, 2048, 4096, 2**63 - 1, -(2**63), -1, 0x5555555555555555, -2048]
     bits = torch.cat([torch.tensor(extremes), torch.randint(-(2**63), 2**63 - 1, (3000,),

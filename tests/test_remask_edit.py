@@ -275,10 +275,12 @@ def test_the_checks_fail_on_planted_bugs(monkeypatch, planted, check):
     (r"edit_threshold needs remasking='low_confidence'.*got remasking='margin'",
      dict(edit_threshold=0.5, remasking="margin")),
     (r"editable needs edit_threshold", dict(editable=torch.ones(2, 5, dtype=torch.bool))),
-    (r"editable must have dtype bool; got int64", dict(edit_threshold=0.5, editable=torch.ones(2, 5, dtype=torch.long))),
+    (r"editable must have dtype bool; got int64",
+     dict(edit_threshold=0.5, editable=torch.ones(2, 5, dtype=torch.long))),
     (r"editable must have shape \[2, 5\]; got \[2, 4\]",
      dict(edit_threshold=0.5, editable=torch.ones(2, 4, dtype=torch.bool))),
-    (r"editable must have 2 dimensions; got 1", dict(edit_threshold=0.5, editable=torch.ones(5, dtype=torch.bool))),
+    (r"editable must have 2 dimensions; got 1",
+     dict(edit_threshold=0.5, editable=torch.ones(5, dtype=torch.bool))),
     (r"editable is on meta but logits is on cpu",
      dict(edit_threshold=0.5, editable=torch.ones(2, 5, dtype=torch.bool, device="meta"))),
 ], ids=lambda v: v if isinstance(v, str) else None)
@@ -288,7 +290,8 @@ def test_bad_editing_arguments_name_the_argument(backend, match, kw):
         remask_step(logits, x, 1, mask_id=MASK, backend=backend, **kw)
 
 
-@pytest.mark.parametrize("name", ["remask_step", pytest.param("remask_step_triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("name", ["remask_step",
+                                  pytest.param("remask_step_triton", marks=pytest.mark.triton)])
 def test_opcheck_with_editing(name):
     logits, x = make_inputs(2, 6, 20, seed=1)
     editable = torch.rand(2, 6, generator=torch.Generator().manual_seed(0)) < 0.5
@@ -309,3 +312,14 @@ def test_torch_compile_fullgraph_with_editing():
                        backend="reference")
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert (want[1] & (x != MASK)).any()
+
+
+@pytest.mark.parametrize("name", ["remask_step",
+                                  pytest.param("remask_step_triton", marks=pytest.mark.triton)])
+def test_the_kernels_refuse_editing_with_another_mode(name):
+    """Direct calls of the operator (the public op checks this first, by name)."""
+    logits, x = make_inputs(2, 6, 20, seed=1)
+    args = (logits, None, 0.0, x, torch.tensor([2, 1]), torch.full((2,), 6), MASK, 0.0,
+            "margin", None, [], [], None)
+    with pytest.raises((RuntimeError, ValueError), match="edit_threshold needs remasking='low_confidence'"):
+        getattr(torch.ops.llada, name)(*args, edit_threshold=0.2)

@@ -90,7 +90,7 @@ struct ScoreParams {
   int64_t x_stride_b, x_stride_l;
   const int64_t* block_end;  // [B]
   const int64_t* seed;       // [1], read only when noise or random remasking needs it
-  int64_t* x0;               // [B * L] out, written at candidates
+  int64_t* x0;               // [B * L] out, written at candidates (and edited positions)
   int64_t* key;              // [B * L] out, or nullptr in stats mode
   float* stats;              // [B * L, 4] out in stats mode, else nullptr
   const bool* editable;      // [B, L] or nullptr (every committed position), with editing
@@ -266,12 +266,15 @@ __global__ void __launch_bounds__(kScoreThreads, 1) score_kernel(const ScorePara
   for (int64_t r = blockIdx.x; r < p.B * p.L; r += gridDim.x) {  // block-uniform loop
     const int64_t b = r / p.L, l = r % p.L;
     const int64_t token = p.x[b * p.x_stride_b + l * p.x_stride_l];
-    const bool candidate = token == p.mask_id && l < p.block_end[b];
-    const bool to_edit = p.editing && token != p.mask_id &&
-                         (!p.editable || p.editable[b * p.editable_stride_b + l * p.editable_stride_l]);
-    if (!candidate && !to_edit) {
-      if (tid == 0 && p.key) p.key[r] = kNoCandidate;
-      continue;
+    if (token != p.mask_id || l >= p.block_end[b]) {  // not a candidate: scored if edited
+      // Editing is low_confidence's only (the op refuses it with other modes).
+      const bool to_edit =
+          kMode == Remasking::LowConfidence && p.editing && token != p.mask_id &&
+          (!p.editable || p.editable[b * p.editable_stride_b + l * p.editable_stride_l]);
+      if (!to_edit) {
+        if (tid == 0 && p.key) p.key[r] = kNoCandidate;
+        continue;
+      }
     }
     const uint64_t seed =
         (kNoise || kMode == Remasking::Random) ? static_cast<uint64_t>(*p.seed) : 0;
@@ -352,9 +355,14 @@ __global__ void __launch_bounds__(kScoreThreads, 1) score_kernel(const ScorePara
         conf = remask_uniform(seed, r);
       }
       conf = conf != conf ? 0.f : conf + 0.f;  // NaN -> 0 (nan_to_num), -0 -> +0
-      p.key[r] = candidate                                             ? selection_key(conf, l)
-                 : p.x0[r] != token && conf > p.edit_threshold ? kEdited
-                                                                       : kNoCandidate;
+      p.key[r] = selection_key(conf, l);
+      if constexpr (kMode == Remasking::LowConfidence) {
+        // An editable position: edited or not (common/remask.h). The token is read again
+        // rather than kept live through the pass (registers).
+        const int64_t tok = p.x[b * p.x_stride_b + l * p.x_stride_l];
+        if (tok != p.mask_id)
+          p.key[r] = p.x0[r] != tok && conf > p.edit_threshold ? kEdited : kNoCandidate;
+      }
       }
     }
   }
@@ -544,7 +552,8 @@ void launch_score(const at::Tensor& logits, const std::optional<at::Tensor>& unc
                   int64_t mask_id, double temperature, Remasking mode,
                   at::IntArrayRef suppress_ids, at::IntArrayRef zero_confidence_ids,
                   const std::optional<at::Tensor>& seed, int64_t vocab_offset, int64_t* x0,
-                  int64_t* key, float* stats, std::optional<double> edit_threshold = std::nullopt,
+                  int64_t* key, float* stats,
+                  std::optional<double> edit_threshold = std::nullopt,
                   const std::optional<at::Tensor>& editable = std::nullopt) {
   const int64_t B = logits.size(0), L = logits.size(1), V = logits.size(2);
   TORCH_CHECK(vocab_offset >= 0 && vocab_offset + V < (int64_t{1} << 31),
@@ -611,6 +620,9 @@ std::tuple<at::Tensor, at::Tensor> remask_step_cuda(
   const Remasking mode = parse_remasking(remasking);
   check_inputs(logits, uncond_logits, x, &num_transfer, block_end, seed,
                temperature > 0 || mode == Remasking::Random);
+  TORCH_CHECK(!edit_threshold || mode == Remasking::LowConfidence,
+              "remask_step: edit_threshold needs remasking='low_confidence'; got '", remasking,
+              "'");
   if (editable) {
     TORCH_CHECK(editable->scalar_type() == at::kBool && editable->sizes() == x.sizes() &&
                     editable->device() == x.device(),

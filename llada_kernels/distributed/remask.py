@@ -74,9 +74,10 @@ def remask_step(logits, x, num_transfer, block_end, *, mask_id, temperature, rem
                                  generator=generator)
         stats_op = (torch.ops.llada.remask_step_stats_triton if backend == "triton"
                     else torch.ops.llada.remask_step_stats)
-        stats, x0 = stats_op(_checks.unit_stride(logits), None if uncond_logits is None else
-                             _checks.unit_stride(uncond_logits), cfg_scale, scored, scored_end, mask_id,
-                             temperature, remasking, suppress_ids, zero_confidence_ids, seed, offset)
+        un = None if uncond_logits is None else _checks.unit_stride(uncond_logits)
+        stats, x0 = stats_op(_checks.unit_stride(logits), un, cfg_scale, scored, scored_end,
+                             mask_id, temperature, remasking, suppress_ids, zero_confidence_ids,
+                             seed, offset)
     packed = _exchange.pack(stats.reshape(B * L, 4), x0.reshape(B * L, 1))
     gathered_stats, gathered_x0 = _exchange.unpack(_exchange.all_gather(packed, group),
                                                    (stats.dtype, 4), (torch.int64, 1))

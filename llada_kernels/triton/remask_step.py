@@ -139,6 +139,9 @@ def _score(logits, uncond_logits, cfg_scale, x, block_end, mask_id, temperature,
     if editable is not None and (editable.dtype != torch.bool or editable.shape != x.shape):
         raise ValueError(f"remask_step_triton: editable must be bool [B, L] = {list(x.shape)}; "
                          f"got {editable.dtype} {list(editable.shape)}")
+    if edit_threshold is not None and remasking != "low_confidence":
+        raise ValueError("remask_step_triton: edit_threshold needs remasking='low_confidence'; "
+                         f"got {remasking!r}")
     edit_mode = 0 if edit_threshold is None else 1 if editable is None else 2
     ed = torch.empty((1, 1), dtype=torch.bool, device=device) if editable is None else editable
     block_v, score_warps = SCORE_CONFIG
