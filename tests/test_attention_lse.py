@@ -63,7 +63,8 @@ def check_lse(fn, shape, kind, dtype, seed=0):
     truth = objective_grads(truth_fn, q.double(), k.double(), v.double(), g_out, g_lse)
     eager = objective_grads(lambda a, b, c: lk.attention(a, b, c, mask, backend="reference",
                                                          return_lse=True), q, k, v, g_out, g_lse)
-    got = objective_grads(lambda a, b, c: fn(a, b, c, mask), q, k, v, g_out, g_lse)
+    got = [x.cpu() for x in objective_grads(lambda a, b, c: fn(a, b, c, mask), q, k, v, g_out,
+                                            g_lse)]
     assert got[1].dtype == torch.promote_types(dtype, torch.float32) and got[1].shape == (B, Hq, Lq)
     no_key = torch.isinf(truth[1])
     assert torch.equal(torch.isneginf(got[1]), no_key), "lse: -inf exactly where a row sees no key"
