@@ -146,7 +146,8 @@ TORCH_LIBRARY(llada, m) {
   // heads), contiguous, in q's dtype. Tiles the mask removes are never computed.
 #define ATTENTION_BWD_SCHEMA                                                                  \
   "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? q_mask, Tensor? k_mask, "          \
-  "Tensor out, Tensor lse, Tensor? grad_lse, float scale) -> (Tensor dq, Tensor dk, Tensor dv)"
+  "Tensor out, Tensor lse, float scale, Tensor? grad_lse=None) "                              \
+  "-> (Tensor dq, Tensor dk, Tensor dv)"
   m.def("attention_bwd" ATTENTION_BWD_SCHEMA);
   m.def("attention_bwd_triton" ATTENTION_BWD_SCHEMA);
 #undef ATTENTION_BWD_SCHEMA

@@ -125,7 +125,7 @@ def grads(fn, q, k, v, grad):
 def ours(q, k, v, q_mask, k_mask, grad, scale):
     """The kernels, forward then the backward op directly."""
     out, lse = torch.ops.llada.attention_fwd(q, k, v, q_mask, k_mask, scale)
-    dq, dk, dv = torch.ops.llada.attention_bwd(grad, q, k, v, q_mask, k_mask, out, lse, None, scale)
+    dq, dk, dv = torch.ops.llada.attention_bwd(grad, q, k, v, q_mask, k_mask, out, lse, scale)
     return (out, dq, dk, dv), lse
 
 

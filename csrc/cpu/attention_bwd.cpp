@@ -234,8 +234,8 @@ void backward(const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& q_mask, const std::optional<at::Tensor>& k_mask,
-    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse,
-    double scale) {
+    const at::Tensor& out, const at::Tensor& lse, double scale,
+    const std::optional<at::Tensor>& grad_lse) {
   check_inputs("attention_bwd", q, k, v, q_mask, k_mask);
   for (const at::Tensor* t : {&grad_out, &out}) {
     TORCH_CHECK(t->sizes() == q.sizes() && t->stride(3) == 1 && t->scalar_type() == q.scalar_type(),

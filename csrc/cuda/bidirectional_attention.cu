@@ -638,7 +638,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const OptTensor& q_mask, const OptTensor& k_mask, const at::Tensor& out,
-    const at::Tensor& lse_, const OptTensor& grad_lse_, double scale) {
+    const at::Tensor& lse_, double scale, const OptTensor& grad_lse_) {
   check_inputs(q_, k_, v_, q_mask, k_mask);
   TORCH_CHECK(grad_out.device() == q_.device() && out.device() == q_.device() &&
                   grad_out.scalar_type() == q_.scalar_type() &&

@@ -133,8 +133,7 @@ def merge_attention(outs, lses):
 
     Args:
         outs: a sequence of [B, Hq, Lq, D] tensors (one per chunk, same dtype).
-        lses: the matching [B, Hq, Lq] fp32 tensors (fp64 from the reference backend on fp64
-            inputs); -inf marks a row that saw no key of the chunk (its out_c is ignored).
+        lses: the matching [B, Hq, Lq] fp32 tensors (or all fp64); -inf marks a row that saw no key of the chunk (its out_c is ignored).
     Returns:
         out [B, Hq, Lq, D] in outs' dtype (summed in lses' dtype) and lse [B, Hq, Lq], -inf
         where no chunk had a key for the row (out 0 there). Differentiable in every out_c and
@@ -269,7 +268,7 @@ def _make_backward(bwd):
         q, k, v, *mask_tensors, out, lse = ctx.saved_tensors
         grad_out = torch.zeros_like(out) if grad_out is None else _checks.unit_stride(grad_out)
         grad_lse = None if grad_lse is None else grad_lse.float().contiguous()
-        dq, dk, dv = bwd(grad_out, q, k, v, *mask_tensors, out, lse, grad_lse, ctx.scale)
+        dq, dk, dv = bwd(grad_out, q, k, v, *mask_tensors, out, lse, ctx.scale, grad_lse)
         return (dq, dk, dv, *(None for _ in mask_tensors), None)
     return backward
 

@@ -32,9 +32,9 @@ def dense_mask(q_mask: torch.Tensor, k_mask: torch.Tensor) -> torch.Tensor:
 
 def attention(q, k, v, mask=None, scale=None, return_lse=False):
     """q [B, Hq, Lq, D], k and v [B, Hkv, Lk, D], mask [B, Lq, Lk] bool (True = attend; B may
-    be 1) or None. Returns out [B, Hq, Lq, D], and with return_lse the log-sum-exp of each
-    row's scaled, visible scores [B, Hq, Lq], fp32 (fp64 for fp64 inputs; +inf for a row that
-    sees no key, as the kernels store it)."""
+    be 1) or None. Returns out [B, Hq, Lq, D], and with return_lse the fp32 log-sum-exp of
+    each row's scaled, visible scores [B, Hq, Lq] (+inf for a row that sees no key, as the
+    kernels store it)."""
     D = q.shape[-1]
     group = q.shape[1] // k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -52,7 +52,7 @@ def attention(q, k, v, mask=None, scale=None, return_lse=False):
     out = p @ v
     if not return_lse:
         return out
-    lse = torch.logsumexp(s.to(torch.promote_types(s.dtype, torch.float32)), dim=-1)
+    lse = torch.logsumexp(s.float(), dim=-1)
     if mask is not None:
         lse = lse.masked_fill(~has_key[..., 0], float("inf"))
     return out, lse

@@ -504,7 +504,7 @@ def _fwd(q, k, v, q_mask, k_mask, scale):
     return out, lse
 
 
-def _bwd(grad_out, q, k, v, q_mask, k_mask, out, lse, grad_lse, scale):
+def _bwd(grad_out, q, k, v, q_mask, k_mask, out, lse, scale, grad_lse=None):
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
