@@ -14,6 +14,7 @@ import torch
 
 from llada_kernels import masks
 
+import test_attention_lse as lse_test
 import test_attention_masks as am
 import test_bidirectional_attention as attn
 import test_masked_diffusion_loss as loss
@@ -231,6 +232,24 @@ def test_attention_masks(case):
     with EmulatedCuda() as emu:
         am.check_backend("cuda", "cpu", tuple(shape), kind, dtype, fn=am.direct_op())
     assert emu.calls["attention_fwd"] == 1 and emu.calls["attention_bwd"] == 1
+
+
+@pytest.mark.parametrize("case,dtype", [((2, 2, 1, 70, 70, 64, "block_diffusion"), torch.bfloat16),
+                                        ((2, 2, 1, 70, 70, 128, "empty_rows"), torch.float16)],
+                         ids=["block_diffusion-bf16", "empty_rows-fp16"])
+def test_attention_lse_gradient(case, dtype):
+    """return_lse's gradient through the CUDA backward (delta less dlse in the delta kernel):
+    tests/test_attention_lse.py's check, fp64 truth, 2x rule."""
+    *shape, kind = case
+
+    def fn(q, k, v, mask):
+        out, lse = torch.ops.llada.attention_fwd(q, k, v, *mask.tensors(q.shape[0]),
+                                                 q.shape[-1] ** -0.5)
+        return out, lse.masked_fill(lse == float("inf"), float("-inf"))
+
+    with EmulatedCuda() as emu:
+        lse_test.check_lse(fn, tuple(shape), kind, dtype)
+    assert emu.calls["attention_fwd"] >= 1 and emu.calls["attention_bwd"] >= 1
 
 
 def test_attention_rejects_what_the_cuda_kernel_does_not_support():

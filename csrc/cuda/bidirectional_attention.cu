@@ -67,6 +67,7 @@ struct Params {
   const int *qm, *km;            // [B, 2, Lq] and [B, 3, Lk], or both null (no mask)
   void *o, *dq, *dk, *dv;        // outputs, contiguous
   float *lse, *delta;            // [B, Hq, Lq]
+  const float* dlse;             // [B, Hq, Lq], the gradient of lse, or null (zero)
   int64_t q_s[3], k_s[3], v_s[3], dout_s[3], out_s[3];  // strides of B, H, L
   int Hq, Hkv, G, Lq, Lk;
   float scale, scale_log2;
@@ -323,7 +324,8 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Params p)
 
 // ---- backward ----------------------------------------------------------------------------
 
-// delta[b, h, i] = sum_d dO[b, h, i, d] O[b, h, i, d]: one warp per row.
+// delta[b, h, i] = sum_d dO[b, h, i, d] O[b, h, i, d] - dlse[b, h, i]: one warp per row. (The
+// lse gradient: d lse_i / d s_ij = p_ij, so dS = P (dP - delta) takes it through delta.)
 template <typename T>
 __global__ void __launch_bounds__(kThreads) attention_delta_kernel(const Params p, int D) {
   const int64_t bh = blockIdx.x, b = bh / p.Hq, h = bh % p.Hq;
@@ -334,7 +336,7 @@ __global__ void __launch_bounds__(kThreads) attention_delta_kernel(const Params 
   for (int d = threadIdx.x % 32; d < D; d += 32)
     acc += mma::to_float(dout.p[i * dout.sl + d]) * mma::to_float(out.p[i * out.sl + d]);
   for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  if (threadIdx.x % 32 == 0) p.delta[bh * p.Lq + i] = acc;
+  if (threadIdx.x % 32 == 0) p.delta[bh * p.Lq + i] = acc - (p.dlse ? p.dlse[bh * p.Lq + i] : 0.f);
 }
 
 template <typename T, int D>
@@ -636,15 +638,20 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const OptTensor& q_mask, const OptTensor& k_mask, const at::Tensor& out,
-    const at::Tensor& lse_, double scale) {
+    const at::Tensor& lse_, double scale, const OptTensor& grad_lse_) {
   check_inputs(q_, k_, v_, q_mask, k_mask);
   TORCH_CHECK(grad_out.device() == q_.device() && out.device() == q_.device() &&
                   grad_out.scalar_type() == q_.scalar_type() &&
                   out.scalar_type() == q_.scalar_type() && lse_.scalar_type() == at::kFloat,
               "attention (cuda): grad_out and out must match q; lse must be fp32");
+  TORCH_CHECK(!grad_lse_ || (grad_lse_->device() == q_.device() &&
+                             grad_lse_->scalar_type() == at::kFloat &&
+                             grad_lse_->sizes() == lse_.sizes()),
+              "attention (cuda): grad_lse must be None or fp32 like lse");
   const c10::cuda::CUDAGuard guard(q_.device());
   const at::Tensor q = aligned(q_), k = aligned(k_), v = aligned(v_), dout = aligned(grad_out);
   const at::Tensor lse = lse_.contiguous();
+  const at::Tensor grad_lse = grad_lse_ ? grad_lse_->contiguous() : at::Tensor();
   const int64_t B = q.size(0), Hq = q.size(1), Hkv = k.size(1), Lq = q.size(2), Lk = k.size(2);
   const int64_t D = q.size(3);
   at::Tensor dq = at::empty(q.sizes(), q.options());
@@ -655,6 +662,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   p.dout = dout.data_ptr(), p.out = out.data_ptr();
   set_strides(p.dout_s, dout), set_strides(p.out_s, out);
   p.lse = const_cast<float*>(lse.data_ptr<float>()), p.delta = delta.data_ptr<float>();
+  p.dlse = grad_lse.defined() ? grad_lse.data_ptr<float>() : nullptr;
   p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch(q.scalar_type(), D, [&]<typename T, int kD>() {
