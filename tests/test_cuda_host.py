@@ -258,3 +258,11 @@ def test_attention_rejects_what_the_cuda_kernel_does_not_support():
         run("attention_fwd", (q, q, q, None, None, 1.0))
     with pytest.raises(RuntimeError, match="float16 or bfloat16"):
         run("attention_fwd", (q.float(), q.float(), q.float(), None, None, 1.0))
+    # Past 65535 tiles of 64 rows along grid.y: a named error, not a failed launch (stride-0
+    # views: nothing of that size is allocated).
+    long = torch.zeros(1, 1, 1, 64, dtype=torch.bfloat16).expand(1, 1, 65535 * 64 + 1, 64)
+    short = torch.zeros(1, 1, 8, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="Lq and Lk must be <= 4194240.*Lq = 4194241, Lk = 8"):
+        run("attention_fwd", (long, short, short, None, None, 1.0))
+    with pytest.raises(RuntimeError, match="Lq = 8, Lk = 4194241"):
+        run("attention_fwd", (short, long, long, None, None, 1.0))

@@ -325,18 +325,22 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Params p)
 // ---- backward ----------------------------------------------------------------------------
 
 // delta[b, h, i] = sum_d dO[b, h, i, d] O[b, h, i, d] - dlse[b, h, i]: one warp per row. (The
-// lse gradient: d lse_i / d s_ij = p_ij, so dS = P (dP - delta) takes it through delta.)
+// lse gradient: d lse_i / d s_ij = p_ij, so dS = P (dP - delta) takes it through delta.) A 1-D
+// grid of B Hq ceil(Lq / 4) CTAs (grid.x reaches 2^31 - 1; grid.y would stop at 65535).
+constexpr int kDeltaRows = kThreads / 32;
 template <typename T>
 __global__ void __launch_bounds__(kThreads) attention_delta_kernel(const Params p, int D) {
-  const int64_t bh = blockIdx.x, b = bh / p.Hq, h = bh % p.Hq;
-  const int i = blockIdx.y * (kThreads / 32) + threadIdx.x / 32;
+  const int64_t row_blocks = (p.Lq + kDeltaRows - 1) / kDeltaRows;
+  const int64_t bh = blockIdx.x / row_blocks, b = bh / p.Hq, h = bh % p.Hq;
+  const int i = static_cast<int>(blockIdx.x % row_blocks) * kDeltaRows + threadIdx.x / 32;
   if (i >= p.Lq) return;
   const Slab<T> dout = slab<T>(p.dout, p.dout_s, b, h), out = slab<T>(p.out, p.out_s, b, h);
   float acc = 0.f;
   for (int d = threadIdx.x % 32; d < D; d += 32)
     acc += mma::to_float(dout.p[i * dout.sl + d]) * mma::to_float(out.p[i * out.sl + d]);
   for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  if (threadIdx.x % 32 == 0) p.delta[bh * p.Lq + i] = acc - (p.dlse ? p.dlse[bh * p.Lq + i] : 0.f);
+  const float dlse = p.dlse ? p.dlse[bh * p.Lq + i] : 0.f;
+  if (threadIdx.x % 32 == 0) p.delta[bh * p.Lq + i] = acc - dlse;
 }
 
 template <typename T, int D>
@@ -577,8 +581,14 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               "attention (cuda): D must be 64 or 128; got ", q.size(3));
   TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0,
               "attention (cuda): Hq must be a multiple of Hkv");
-  TORCH_CHECK(q.size(2) < (1 << 30) && k.size(2) < (1 << 30),
-              "attention (cuda): sequence lengths must be < 2^30");
+  // One CTA per 64 rows along grid.y (at most 65535), one per (batch, head) along grid.x.
+  constexpr int64_t kMaxLen = 65535 * kTile;
+  TORCH_CHECK(q.size(2) <= kMaxLen && k.size(2) <= kMaxLen,
+              "attention (cuda): Lq and Lk must be <= ", kMaxLen, " (65535 tiles of ", kTile,
+              "); got Lq = ", q.size(2), ", Lk = ", k.size(2));
+  TORCH_CHECK(q.size(0) * q.size(1) * ((q.size(2) + kDeltaRows - 1) / kDeltaRows) < (1LL << 31),
+              "attention (cuda): B * Hq * ceil(Lq / ", kDeltaRows, ") must be < 2^31; got B = ",
+              q.size(0), ", Hq = ", q.size(1), ", Lq = ", q.size(2));
   TORCH_CHECK(q_mask.has_value() == k_mask.has_value(),
               "attention (cuda): q_mask and k_mask must both be given or both be None");
   if (q_mask) {
@@ -666,8 +676,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch(q.scalar_type(), D, [&]<typename T, int kD>() {
-    const dim3 rows(static_cast<unsigned>(B * Hq), tiles(Lq, kThreads / 32));
-    if (rows.x > 0 && rows.y > 0) {
+    const dim3 rows(static_cast<unsigned>(B * Hq) * tiles(Lq, kDeltaRows));
+    if (rows.x > 0) {
       attention_delta_kernel<T><<<rows, kThreads, 0, stream>>>(p, kD);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
