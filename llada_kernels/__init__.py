@@ -33,7 +33,7 @@ if _backend._C_ERROR is None:
     if _backend._triton_error() is None:
         from .triton import remask_step as _triton_remask_step  # noqa: F401
         from .triton import masked_diffusion_loss as _triton_loss  # noqa: F401
-        from .triton import bidirectional_attention as _triton_attention  # noqa: F401
+        from .triton import attention as _triton_attention  # noqa: F401
 
 from ._backend import (BackendUnavailable, available_backends, cpu_capabilities,  # noqa: E402
                        cpu_capability)
