@@ -396,7 +396,11 @@ def _generate_uniform(model, prompt, attention_mask, gen_length, b, steps, tempe
     """block_generate(corruption="uniform"); the arguments are checked. Each step is one
     remask_step whose candidates are the uncommitted positions (passed as x = 0 there, 1
     elsewhere, with mask_id=0) and num_transfer the quota still owed per row; editing is a
-    second remask_step over the committed positions (num_transfer=0, the editing threshold)."""
+    second remask_step over the committed positions (num_transfer=0, the editing threshold):
+    at temperature > 0 it draws its own x0 (diffusers edits with the step's one sample). One
+    pass would need remask_step to take the candidates as a [B, L] mask (not x == mask_id:
+    here every id is a real token) and to edit the other positions against the real tokens.
+    Host synchronisation: none per step; one per block with stop_at_eos."""
     config = model.config
     V = getattr(config, "embedding_size", None) or getattr(config, "vocab_size", None)
     if V is None:
@@ -429,7 +433,7 @@ def _generate_uniform(model, prompt, attention_mask, gen_length, b, steps, tempe
             s, e = n * b, (n + 1) * b
             xa, ama = x[rows], am[rows]
             gen = torch.arange(s, e, device=device) >= Lp                     # [b] generated
-            ngen = int(gen.sum())
+            ngen = e - max(s, Lp)
             xa[:, s:e] = torch.where(gen, noise(), xa[:, s:e])
             committed = (~gen).expand(len(rows), b).clone()                   # [B', b]
             for step in range(steps):
