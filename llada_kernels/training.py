@@ -437,13 +437,15 @@ def block_diffusion_noise(input_ids, *, mask_id=MASK_ID, noise_range=(0.3, 0.8),
 def block_diffusion_loss(model, input_ids, *, block_size=None, mask_id=None, noise_range=(0.3, 0.8),
                          maskable=None, document_ids=None, attention_mask=None,
                          complementary=False, loss_weight="uniform", normalize="masked",
-                         generator=None, backend=None):
+                         generator=None, backend=None, dp_group=None):
     """The block-diffusion training loss of one batch: block_diffusion_noise, then
     block_diffusion_loss_from_noise (see both). The defaults are dFactory's LLaDA2 objective
     (train_llada2_bd.py): t ~ U[0.3, 0.8), every masked token's cross-entropy weighted 1,
     divided by the number of masked tokens. BD3-LM's (dllm's BD3LMTrainer, linear schedule)
     is noise_range=(1e-3, 1), loss_weight="elbo", normalize="maskable". attention_mask [B, L]
     (1 = token): padding is hidden as keys; mark it unmaskable too (maskable=).
+    dp_group: data parallelism, see block_diffusion_loss_from_noise (each rank draws its own
+    noise: seed each rank's generator differently).
     Returns a float32 scalar with autograd to the model."""
     op = "block_diffusion_loss"
     mask_id = _mask_id(op, model, mask_id)
@@ -457,12 +459,13 @@ def block_diffusion_loss(model, input_ids, *, block_size=None, mask_id=None, noi
     return block_diffusion_loss_from_noise(
         model, noisy, input_ids, masked, t, block_size=block_size, maskable=maskable,
         document_ids=document_ids, attention_mask=attention_mask, loss_weight=loss_weight,
-        normalize=normalize, backend=backend)
+        normalize=normalize, backend=backend, dp_group=dp_group)
 
 
 def block_diffusion_loss_from_noise(model, noisy, input_ids, masked, t=None, *, block_size=None,
                                     maskable=None, document_ids=None, attention_mask=None,
-                                    loss_weight="uniform", normalize="masked", backend=None):
+                                    loss_weight="uniform", normalize="masked", backend=None,
+                                    dp_group=None):
     """sum over masked (b, l) of w[b, l] * CE(logits of x_t's row l, x_0[b, l]) / Z, the
     logits read from the model on [x_t ; x_0] under the 2L mask, never materialised.
 
@@ -477,6 +480,13 @@ def block_diffusion_loss_from_noise(model, noisy, input_ids, masked, t=None, *, 
         loss_weight: "uniform" (w = 1, dFactory) or "elbo" (w = 1 / t, BD3-LM and LLaDA).
         normalize: Z = the number of masked tokens ("masked", dFactory) or of maskable
             tokens ("maskable", dllm's token normalisation; all tokens when maskable is None).
+        dp_group: None, or the data-parallel process group when each rank holds its own
+            micro-batch (DDP, FSDP2): Z is then counted over every rank's micro-batch (one
+            all-reduce of one int64) and the loss is multiplied by W, the group's size, so
+            that the ranks' mean (what DDP and FSDP2 average the gradients by) is the loss of
+            the whole global batch: rank r returns W * S_r / Z, S_r its sum of w * CE.
+            Micro-batches of different sizes are fine. Without it, each rank divides by its
+            own count and the ranks' mean is a mean of means (another loss).
     Returns a float32 scalar.
     """
     op = "block_diffusion_loss"
@@ -506,7 +516,12 @@ def block_diffusion_loss_from_noise(model, noisy, input_ids, masked, t=None, *, 
                                 torch.cat([pos, pos], 1), rows)                  # [N, D], [V, D]
     count = (masked if normalize == "masked" else
              maskable if maskable is not None else torch.ones_like(masked)).sum()
-    divisor = count.clamp_min(1).float().expand(B, L)
+    if dp_group is not None:
+        from .distributed.data_parallel import global_count
+        count, world = global_count(op, count, dp_group)
+    else:
+        world = 1
+    divisor = (count.clamp_min(1).float() / world).expand(B, L)
     if loss_weight == "elbo":
         divisor = divisor * t.float()
     every = torch.ones((1, hidden.shape[0]), dtype=torch.bool, device=hidden.device)

@@ -129,7 +129,28 @@ def _group(ctx, splits):
     return dist.group.WORLD
 
 
-def check_logits_form(ctx, backend, dtype, splits, p_shape, reduction):
+def weighting_of(p_mask, masked, weighting):
+    """p_mask, or a token_weight of the same shape: 1 / p_mask with about a third zeroed (at
+    least one masked position of weight 0, whose d token_weight is its CE)."""
+    if weighting == "p_mask":
+        return p_mask
+    g = torch.Generator().manual_seed(5)
+    w = p_mask.reciprocal() * (torch.rand(p_mask.shape, generator=g) > 0.35)
+    zero = (w == 0) if w.dim() == 2 else (w == 0)[:, None]
+    assert (zero & masked).any() and (~zero & masked).any()
+    return w
+
+
+def upstream(reduction, shape, dtype):
+    """The upstream gradient: 1 for "sum", random (one 0) per position for "none"."""
+    if reduction == "sum":
+        return torch.ones((), dtype=dtype)
+    up = torch.rand(shape, generator=torch.Generator().manual_seed(6)) + 0.5  # the same values
+    up.view(-1)[1] = 0                                                         # in every dtype
+    return up.to(dtype)
+
+
+def check_logits_form(ctx, backend, dtype, splits, p_shape, reduction, weighting="p_mask"):
     """One rank's half of the test: its shard's loss and gradients against the single-process
     op (same backend) on the whole vocabulary. Returns the loss, to compare across ranks."""
     group = _group(ctx, splits)
@@ -137,18 +158,20 @@ def check_logits_form(ctx, backend, dtype, splits, p_shape, reduction):
         return None
     lo, hi = splits[ctx.rank]
     logits, targets, masked, p_mask = single.make_inputs(2, 5, 37, dtype=dtype, masked=0.7, p_shape=p_shape)
+    w = weighting_of(p_mask, masked, weighting)
 
     def run(x, **kw):
         x = x.detach().clone().requires_grad_()
-        p = p_mask.clone().requires_grad_()
-        out = masked_diffusion_loss(x, targets, masked, p, reduction=reduction, **kw)
-        return [out.detach(), *torch.autograd.grad(out.sum(), (x, p))]
+        p = w.detach().clone().requires_grad_()
+        out = masked_diffusion_loss(x, targets, masked, reduction=reduction, **{weighting: p}, **kw)
+        up = upstream(reduction, out.shape, out.dtype)
+        return [out.detach(), *torch.autograd.grad(out, (x, p), up)]
 
     got = run(logits[..., lo:hi], backend=backend, group=group, vocab_offset=lo)
     eager = run(logits, backend="reference")
     exact = run(logits.double(), backend="reference")
     eager[1], exact[1] = eager[1][..., lo:hi], exact[1][..., lo:hi]
-    for what, g, e, x in zip(("loss", "d logits", "d p_mask"), got, eager, exact):
+    for what, g, e, x in zip(("loss", "d logits", f"d {weighting}"), got, eager, exact):
         assert g.dtype == e.dtype, what
         single.assert_as_accurate(g, e, x, what)
     assert (got[1][~masked] == 0).all()
@@ -167,6 +190,16 @@ def test_logits_form(pool, backend, splits):
                                                        (torch.float16, "B", "sum")], ids=str)
 def test_logits_form_dtypes(pool, dtype, p_shape, reduction):
     pool.run(check_logits_form, "cpu", dtype, PAIR, p_shape, reduction)
+
+
+@pytest.mark.parametrize("splits, p_shape, reduction", [(PAIR, "BL", "none"), (UNEVEN, "B", "sum"),
+                                                        (UNEVEN, "BL", "sum")],
+                         ids=["2_ranks_none", "3_ranks_uneven_B", "3_ranks_uneven_BL"])
+def test_logits_form_token_weight(pool, splits, p_shape, reduction):
+    """token_weight (zeros on some masked rows, which still get d token_weight = CE)."""
+    results = [r for r in pool.run(check_logits_form, "cpu", torch.float32, splits, p_shape,
+                                   reduction, "token_weight") if r is not None]
+    assert all(r == results[0] for r in results)
 
 
 @pytest.mark.triton
@@ -192,30 +225,41 @@ def test_nonfinite_logits(pool):
     pool.run(check_nonfinite)
 
 
-def check_fused(ctx, dtype, splits, chunk_size, bias):
+def check_fused(ctx, dtype, splits, chunk_size, bias, weighting="p_mask", reduction="sum",
+                weight_grad=True):
     group = _group(ctx, splits)
     if group is None:
         return None
     lo, hi = splits[ctx.rank]
     hidden, weight, b, targets, masked, p_mask = single.fused_case(2, 5, 8, 37, dtype=dtype, bias=bias)
+    if weighting == "token_weight":
+        p_mask = p_mask[:, None].expand(2, 5).contiguous()  # zeros per position
+    pw = weighting_of(p_mask, masked, weighting)
 
     def run(h, w, bb, p, **kw):
-        leaves = [t.detach().clone().requires_grad_() for t in (h, w, p) + ((bb,) if bias else ())]
-        out = fused_linear_masked_diffusion_loss(leaves[0], leaves[1], targets, masked, leaves[2],
-                                                 bias=leaves[3] if bias else None, **kw)
-        return [out.detach(), *torch.autograd.grad(out, leaves)]
+        leaves = [t.detach().clone().requires_grad_() for t in (h, w) + ((bb,) if bias else ())]
+        p = p.detach().clone().requires_grad_(weight_grad)
+        out = fused_linear_masked_diffusion_loss(leaves[0], leaves[1], targets, masked,
+                                                 bias=leaves[2] if bias else None,
+                                                 reduction=reduction, **{weighting: p}, **kw)
+        up = upstream(reduction, out.shape, out.dtype)
+        grads = torch.autograd.grad(out, leaves + ([p] if weight_grad else []), up)
+        return [out.detach(), *grads]
 
     shard_bias = b[lo:hi] if bias else None
-    got = run(hidden, weight[lo:hi], shard_bias, p_mask, backend="cpu", chunk_size=chunk_size,
+    got = run(hidden, weight[lo:hi], shard_bias, pw, backend="cpu", chunk_size=chunk_size,
               group=group, vocab_offset=lo)
-    eager = run(hidden, weight, b, p_mask, backend="reference")
-    exact = run(hidden.double(), weight.double(), b.double() if bias else None, p_mask.double(),
+    eager = run(hidden, weight, b, pw, backend="reference")
+    exact = run(hidden.double(), weight.double(), b.double() if bias else None, pw.double(),
                 backend="reference")
     for r in (eager, exact):  # this rank's rows of d weight and d bias
         r[2] = r[2][lo:hi]
         if bias:
-            r[4] = r[4][lo:hi]
-    for what, g, e, x in zip(["loss", "d hidden", "d weight", "d p_mask", "d bias"], got, eager, exact):
+            r[3] = r[3][lo:hi]
+    names = ["loss", "d hidden", "d weight"] + (["d bias"] if bias else []) + (
+        [f"d {weighting}"] if weight_grad else [])
+    assert len(got) == len(names)
+    for what, g, e, x in zip(names, got, eager, exact):
         assert g.dtype == e.dtype, what
         single.assert_as_accurate(g, e, x, what)
     return got[0].tolist(), got[1].tolist()
@@ -227,6 +271,25 @@ def check_fused(ctx, dtype, splits, chunk_size, bias):
 def test_fused_form(pool, splits, chunk_size, bias):
     results = [r for r in pool.run(check_fused, torch.float32, splits, chunk_size, bias) if r is not None]
     assert all(r == results[0] for r in results)  # the loss and d hidden, bitwise on every rank
+
+
+FP32, BF16 = torch.float32, torch.bfloat16
+FUSED_WEIGHTED = {  # id: (dtype, splits, chunk_size, bias, weighting, reduction, weight_grad)
+    "token_weight_2_ranks": (FP32, PAIR, 3, False, "token_weight", "sum", True),
+    "token_weight_no_grad_3_ranks_uneven": (FP32, UNEVEN, 2, True, "token_weight", "sum", False),
+    "none_2_ranks": (FP32, PAIR, None, True, "p_mask", "none", True),
+    "none_token_weight_3_ranks_uneven": (FP32, UNEVEN, 2, True, "token_weight", "none", True),
+    "none_token_weight_bf16_2_ranks": (BF16, PAIR, 3, True, "token_weight", "none", True),
+}
+
+
+@pytest.mark.parametrize("case", list(FUSED_WEIGHTED))
+def test_fused_form_token_weight_and_none(pool, case):
+    """token_weight (its zero rows run only when it needs their gradient, as on one device) and
+    reduction="none" (the backward from the kept statistics, with a random upstream gradient)."""
+    results = pool.run(check_fused, *FUSED_WEIGHTED[case])
+    results = [r for r in results if r is not None]
+    assert all(r == results[0] for r in results)
 
 
 def test_fused_form_bf16(pool):
@@ -255,14 +318,17 @@ def check_bad_input(ctx):
         x = shard.clone().requires_grad_()
         out = masked_diffusion_loss(x, targets, masked, p_mask, vocab_offset=lo, **kw)
         torch.autograd.grad(out, x, create_graph=True)
-    # Not supported with group= yet: refused by name, on every rank, before any collective.
-    with pytest.raises(ValueError, match="token_weight is not supported with group="):
-        masked_diffusion_loss(shard, targets, masked, token_weight=torch.ones(1), vocab_offset=lo,
-                              **kw)
-    hidden, head = torch.randn(1, 4, 3), torch.randn(hi - lo, 3)
-    with pytest.raises(ValueError, match=r"reduction must be one of \('sum',\) with group="):
-        fused_linear_masked_diffusion_loss(hidden, head, targets, masked, p_mask, reduction="none",
+    head = torch.randn(hi - lo, 3)
+    mine = masked.clone()
+    mine[0, 0] = ctx.rank == 0  # the ranks' masked differ: 4 rows on rank 0, 3 on rank 1
+    with pytest.raises(ValueError, match="same masked and token_weight.*4 on rank 0, 3 on rank 1"):
+        fused_linear_masked_diffusion_loss(torch.randn(1, 4, 3), head, targets, mine, p_mask,
                                            vocab_offset=lo, **kw)
+    hidden = torch.randn(1, 4, 3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        out = fused_linear_masked_diffusion_loss(hidden, head, targets, masked,
+                                                 p_mask, reduction="none", vocab_offset=lo, **kw)
+        torch.autograd.grad(out.sum(), hidden, create_graph=True)
     assert vocab_range(10, ctx.pair) == (lo, hi)
 
 
@@ -300,3 +366,20 @@ def check_planted_merge_bug(ctx):
 
 def test_the_check_fails_on_a_planted_bug(pool):
     pool.run(check_planted_merge_bug)
+
+
+def check_planted_per_token_bug(ctx):
+    """reduction="none"'s backward without the all-reduce of d hidden: the check must fail."""
+    if ctx.pair is None:
+        return
+    real = vp._all_reduce_rows
+    vp._all_reduce_rows = lambda grad, rows, group, dtype: grad.to(dtype)
+    try:
+        with pytest.raises(AssertionError, match="d hidden"):
+            check_fused(ctx, torch.float32, PAIR, None, True, "p_mask", "none")
+    finally:
+        vp._all_reduce_rows = real
+
+
+def test_the_per_token_check_fails_on_a_planted_bug(pool):
+    pool.run(check_planted_per_token_bug)

@@ -61,13 +61,19 @@ class Layout:
 
 
 def layout(op: str, group, vocab_offset: int, size: int, rows: int, device, *,
-           name: str = "logits") -> Layout:
+           name: str = "logits", active: int | None = None) -> Layout:
     """Gathers every rank's (vocab_offset, shard size, rows) and checks that the shards tile
     [0, V) without gap or overlap and that every rank passes the same number of rows (B * L).
     One small all-gather and a host synchronisation; every rank sees the same data, so every
-    rank raises the same ValueError. `size` is the local shard's vocabulary (V_r >= 1)."""
-    mine = torch.tensor([vocab_offset, size, rows], dtype=torch.int64, device=device)
-    table = all_gather(mine[None], group)[:, 0].tolist()  # [W][3]
+    rank raises the same ValueError. `size` is the local shard's vocabulary (V_r >= 1).
+    active: the number of rows the op will run (the fused form's chunk loop), checked equal
+    on every rank too (ranks whose masked or token_weight differ would otherwise run different
+    chunks and wait on each other's collectives)."""
+    mine = torch.tensor([vocab_offset, size, rows, -1 if active is None else active],
+                        dtype=torch.int64, device=device)
+    table = all_gather(mine[None], group)[:, 0].tolist()  # [W][4]
+    runs = [a for *_, a in table]
+    table = [t[:3] for t in table]
     where = ", ".join(f"rank {i} holds [{o}, {o + s})" for i, (o, s, _) in enumerate(table))
     if any(s < 1 for _, s, _ in table):
         _checks.fail(op, f"every rank's {name} must hold at least one vocabulary id; {where}")
@@ -82,6 +88,10 @@ def layout(op: str, group, vocab_offset: int, size: int, rows: int, device, *,
     if len(set(counts)) > 1:
         _checks.fail(op, f"every rank must pass the same positions: {name} has "
                          f"{', '.join(f'{n} rows on rank {i}' for i, n in enumerate(counts))}")
+    if len(set(runs)) > 1:
+        _checks.fail(op, "every rank must pass the same masked and token_weight (and the same "
+                         "token_weight.requires_grad): the rows to run are "
+                         f"{', '.join(f'{n} on rank {i}' for i, n in enumerate(runs))}")
     return Layout(tuple(o for o, _, _ in table), tuple(s for _, s, _ in table))
 
 

@@ -59,10 +59,10 @@ def masked_diffusion_loss(
             torch.distributed process group over which the vocabulary is split, and the first
             id of this rank's shard. logits is then the shard [B, L, V_r] of ids
             [vocab_offset, vocab_offset + V_r) (uneven shards allowed); targets, masked and
-            p_mask are the same on every rank, targets global ids. The ranks exchange three
-            numbers per position (row max, log-sum-exp, target logit), never logits; every
-            rank gets the loss of the whole vocabulary and the gradient of its own shard.
-            The backward communicates nothing.
+            p_mask (or token_weight) are the same on every rank, targets global ids; both
+            reductions. The ranks exchange three numbers per position (row max, log-sum-exp,
+            target logit), never logits; every rank gets the loss of the whole vocabulary and
+            the gradient of its own shard. The backward communicates nothing.
 
     Returns:
         sum over masked (b, l) of CE(logits[b, l], targets[b, l]) / p_mask[b, l], in float32
@@ -89,10 +89,9 @@ def masked_diffusion_loss(
     _checks.check_in(OP, "reduction", reduction, REDUCTIONS)
     name = _backend.resolve(OP, backend, logits.device)
     if group is not None:
-        _vocab_parallel_supported(OP, token_weight, reduction, ("sum", "none"))
         from ..distributed import loss as vocab_parallel
-        return vocab_parallel.masked_diffusion_loss(logits, targets, masked, p_mask, reduction,
-                                                    name, group, vocab_offset)
+        return vocab_parallel.masked_diffusion_loss(logits, targets, masked, p_mask, token_weight,
+                                                    reduction, name, group, vocab_offset)
     if name == "reference":
         return reference.masked_diffusion_loss(logits, targets, masked, p_mask, reduction=reduction,
                                                token_weight=token_weight)
@@ -149,14 +148,18 @@ def fused_linear_masked_diffusion_loss(
             "triton", "cuda", or "reference" (the eager full-logits definition).
         group, vocab_offset: vocabulary parallelism, as masked_diffusion_loss: weight (and
             bias) are this rank's rows [V_r, D] of the lm_head, ids [vocab_offset,
-            vocab_offset + V_r); hidden, targets, masked and p_mask are the same on every
-            rank. Per chunk the ranks exchange three numbers per row; at the end they
-            all-reduce d hidden of the masked rows (fp32, [M, D]), so that hidden gets its
-            whole gradient, as in the single-process op (the all-reduce a column-parallel
-            lm_head needs in its backward, done here because this op makes its gradients in
-            the forward). weight and bias get their shard's gradient. Each chunk holds its
-            logits and their gradient ([chunk, V_r] twice), and every rank runs the same
-            chunks (sized from the largest shard).
+            vocab_offset + V_r); hidden, targets, masked and p_mask (or token_weight, its
+            requires_grad too) are the same on every rank. Per chunk the ranks exchange three
+            numbers per row; at the end they all-reduce d hidden of the masked rows (fp32,
+            [M, D]), so that hidden gets its whole gradient, as in the single-process op (the
+            all-reduce a column-parallel lm_head needs in its backward, done here because this
+            op makes its gradients in the forward). weight and bias get their shard's
+            gradient. Each chunk holds its logits and their gradient ([chunk, V_r] twice), and
+            every rank runs the same chunks (sized from the largest shard; a rank whose masked
+            rows differ in number is refused by name). With reduction="none" the forward keeps
+            each row's whole-vocabulary (max, log-sum-exp) ([B * L, 2] fp32), so that the
+            backward's recomputed chunks exchange nothing; its one collective is the
+            all-reduce of d hidden (every rank must run that backward).
 
     Returns:
         The loss, a float32 (float64) scalar (or [B, L]), as masked_diffusion_loss.
@@ -194,10 +197,10 @@ def fused_linear_masked_diffusion_loss(
     # The row kernels are what the backend provides; they live with masked_diffusion_loss.
     name = _backend.resolve(OP, backend, hidden.device)
     if group is not None:
-        _vocab_parallel_supported(FUSED_OP, token_weight, reduction, ("sum",))
         from ..distributed import loss as vocab_parallel
         return vocab_parallel.fused_linear_masked_diffusion_loss(
-            hidden, weight, targets, masked, p_mask, bias, chunk_size, name, group, vocab_offset)
+            hidden, weight, targets, masked, p_mask, token_weight, bias, reduction, chunk_size,
+            name, group, vocab_offset)
     if name == "reference":
         return reference.fused_linear_masked_diffusion_loss(
             hidden, weight, targets, masked, p_mask, bias=bias, reduction=reduction,
@@ -228,16 +231,6 @@ def _idle_rows_term(rows, weight, bias, targets, masked, weights, chunk_size, ba
         _, ce, *_ = torch.ops.llada.fused_linear_masked_diffusion_loss(
             rows, weight, bias, targets, idle.to(weights.dtype), chunk_size or 0, backend, False)
     return (ce * weights).sum()
-
-
-def _vocab_parallel_supported(op, token_weight, reduction, reductions):
-    """What the vocabulary-parallel forms do not take yet: token_weight, and (fused) "none"."""
-    if token_weight is not None:
-        _checks.fail(op, "token_weight is not supported with group= (vocabulary parallelism) "
-                     "yet; pass p_mask (1 / token_weight) instead")
-    if reduction not in reductions:
-        _checks.fail(op, f"reduction must be one of {reductions} with group= (vocabulary "
-                     f"parallelism); got {reduction!r}")
 
 
 def _check(op, x, x_name, targets, masked, p_mask, token_weight=None, sharded=False):
@@ -344,7 +337,7 @@ def _fused_impl(hidden, weight, bias, targets, weights, chunk_size, backend, com
     """hidden [N, D], weight [V, D], bias [V] or None, targets [N], weights [N] (0 = unmasked)."""
     fwd, _, fwd_bwd = _row_ops(backend)
 
-    def step(logits, t, w):  # each chunk's loss, and its gradient written over its logits
+    def step(logits, t, w, _index):  # each chunk's loss, and its gradient over its logits
         if not compute_grad:
             return fwd(logits, t, w)[0], None
         return fwd_bwd(logits, t, w), logits
@@ -358,9 +351,10 @@ def _fused_impl(hidden, weight, bias, targets, weights, chunk_size, backend, com
 def _fused_chunks(hidden, weight, bias, targets, weights, rows, chunk, compute_grad, step,
                   grad_hidden_dtype=None):
     """The chunk loop of the fused form, over the masked rows `rows` [M] (indices into N):
-    per chunk, logits = h @ weight.T + bias [C, V], then step(logits, t, w) -> (ce [C], the
-    gradient of sum(w * ce) in the logits [C, V], possibly `logits` itself, or None without
-    gradients), which is multiplied out into d hidden, d weight and d bias. Returns the op's
+    per chunk, logits = h @ weight.T + bias [C, V], then step(logits, t, w, index) -> (ce [C],
+    the gradient of sum(w * ce) in the logits [C, V], possibly `logits` itself, or None without
+    gradients), which is multiplied out into d hidden, d weight and d bias (index [C]: the
+    chunk's rows, for a step that keeps per-row state). Returns the op's
     five outputs (loss, ce, grad_hidden [N, D] in grad_hidden_dtype or hidden's, grad_weight,
     grad_bias)."""
     N, D = hidden.shape
@@ -379,7 +373,7 @@ def _fused_chunks(hidden, weight, bias, targets, weights, rows, chunk, compute_g
         h = hidden.index_select(0, index)                     # [C, D]
         logits = F.linear(h, weight, bias)                    # [C, V]
         t, w = targets.index_select(0, index), weights.index_select(0, index)
-        chunk_ce, grad = step(logits, t, w)
+        chunk_ce, grad = step(logits, t, w, index)
         ce.index_copy_(0, index, chunk_ce)
         if not compute_grad:
             del logits, h
