@@ -17,7 +17,7 @@ except ImportError as e:  # a source checkout that was never built, or built for
 
 from .ops.remask import remask_step  # noqa: E402
 from .ops.loss import fused_linear_masked_diffusion_loss, masked_diffusion_loss  # noqa: E402
-from .ops.attention import attention, bidirectional_attention  # noqa: E402
+from .ops.attention import attention, bidirectional_attention, merge_attention  # noqa: E402
 from . import masks  # noqa: E402
 
 if _backend._C_ERROR is None:
@@ -39,6 +39,6 @@ from ._backend import (BackendUnavailable, available_backends, cpu_capabilities,
                        cpu_capability)
 
 __all__ = ["remask_step", "masked_diffusion_loss", "fused_linear_masked_diffusion_loss",
-           "attention", "masks", "bidirectional_attention", "available_backends",
+           "attention", "merge_attention", "masks", "bidirectional_attention", "available_backends",
            "BackendUnavailable", "cpu_capability", "cpu_capabilities"]
 __version__ = "0.1.0"
