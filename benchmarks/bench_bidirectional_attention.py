@@ -250,7 +250,7 @@ def test_masked_attention(benchmark, device, dtype, provider, L, kind, mode):
 
 def print_tile_counts():
     """The tiles each benchmarked mask skips, at every kernel's tile sizes."""
-    from llada_kernels.triton.bidirectional_attention import tile_sizes
+    from llada_kernels.triton.attention import tile_sizes
 
     sizes = {"cuda (all kernels)": (64, 64)}
     for D in (64, 128):

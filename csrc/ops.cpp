@@ -148,12 +148,15 @@ TORCH_LIBRARY(llada, m) {
 
   // Its backward, recomputing the probabilities from lse (the forward's outputs).
   //   grad_out  [B, Hq, Lq, D], unit stride along D; out [B, Hq, Lq, D]; lse [B, Hq, Lq] fp32
+  //   grad_lse  [B, Hq, Lq] fp32 contiguous, the gradient of lse (a row's lse is a function of
+  //             its scores: d lse_i / d s_ij = p_ij), or None when lse was not used
   //   q, k, v, q_mask, k_mask, scale as in the forward
   // Returns dq [B, Hq, Lq, D] and dk, dv [B, Hkv, Lk, D] (summed over each group's query
   // heads), contiguous, in q's dtype. Tiles the mask removes are never computed.
 #define ATTENTION_BWD_SCHEMA                                                                  \
   "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? q_mask, Tensor? k_mask, "          \
-  "Tensor out, Tensor lse, float scale) -> (Tensor dq, Tensor dk, Tensor dv)"
+  "Tensor out, Tensor lse, float scale, Tensor? grad_lse=None) "                              \
+  "-> (Tensor dq, Tensor dk, Tensor dv)"
   m.def("attention_bwd" ATTENTION_BWD_SCHEMA);
   m.def("attention_bwd_triton" ATTENTION_BWD_SCHEMA);
 #undef ATTENTION_BWD_SCHEMA

@@ -17,7 +17,7 @@ except ImportError as e:  # a source checkout that was never built, or built for
 
 from .ops.remask import remask_step  # noqa: E402
 from .ops.loss import fused_linear_masked_diffusion_loss, masked_diffusion_loss  # noqa: E402
-from .ops.attention import attention, bidirectional_attention  # noqa: E402
+from .ops.attention import attention, bidirectional_attention, merge_attention  # noqa: E402
 from . import masks  # noqa: E402
 
 if _backend._C_ERROR is None:
@@ -33,12 +33,12 @@ if _backend._C_ERROR is None:
     if _backend._triton_error() is None:
         from .triton import remask_step as _triton_remask_step  # noqa: F401
         from .triton import masked_diffusion_loss as _triton_loss  # noqa: F401
-        from .triton import bidirectional_attention as _triton_attention  # noqa: F401
+        from .triton import attention as _triton_attention  # noqa: F401
 
 from ._backend import (BackendUnavailable, available_backends, cpu_capabilities,  # noqa: E402
                        cpu_capability)
 
 __all__ = ["remask_step", "masked_diffusion_loss", "fused_linear_masked_diffusion_loss",
-           "attention", "masks", "bidirectional_attention", "available_backends",
+           "attention", "merge_attention", "masks", "bidirectional_attention", "available_backends",
            "BackendUnavailable", "cpu_capability", "cpu_capabilities"]
 __version__ = "0.1.0"

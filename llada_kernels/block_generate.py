@@ -33,6 +33,23 @@ same tokens as diffusers' LLaDA2Pipeline):
     edit_threshold, in the step's one pass over the logits). Once the block has
     no mask left, steps continue while some position was edited, at most max_post_steps.
 
+Uniform corruption (corruption="uniform", DiffusionGemma's mode of diffusers'
+BlockRefinementScheduler, which selects it with mask_token_id=None): there is no [MASK]. A
+block starts as uniformly random ids, and every step the model sees the whole block:
+  * x0 and its confidence as above, at every position;
+  * commit, among the positions not yet committed, the most confident ones still owed by a
+    cumulative quota (after step s, ceil((s + 1) * n / steps) of the block's n generated
+    positions are committed), plus every one whose confidence > threshold;
+  * editing (editing_threshold): a position committed at an earlier step is replaced by x0
+    when x0 differs and its confidence > editing_threshold;
+  * every position still uncommitted is renoised with fresh uniformly random ids.
+A block takes exactly `steps` steps (steps may exceed b: some steps then commit nothing and
+only refine). The ids are drawn with torch.randint(0, V, (B, b), generator=generator) for the
+whole batch, once at the start of each block and once after every step (the pipeline's and
+the scheduler's draws, so at temperature 0 the tokens are DiffusionGemmaPipeline's with the
+same generator); prompt positions of the block count as committed and are never edited.
+With stop_at_eos, a row whose generation holds eos_id at the end of a block is finished.
+
 Layout (LLaDA2's and diffusers'): blocks are aligned to absolute positions 0, b, 2b, ...; the
 prompt's last partial block is decoded together with the first generated tokens; the
 sequence is padded to a multiple of b and the padding past Lp + gen_length is decoded but
@@ -53,6 +70,7 @@ from . import _checks, masks
 from .ops.remask import remask_step
 
 CACHES = ("exact", None)
+CORRUPTIONS = ("mask", "uniform")
 
 
 @dataclass
@@ -75,7 +93,7 @@ def block_generate(model, prompt, attention_mask=None, *, gen_length=2048, block
                    steps=None, temperature=0.0, threshold=0.95, editing_threshold=None,
                    max_post_steps=16, minimal_topk=1, stop_at_eos=False, mask_id=None,
                    eos_id=None, cache="exact", generator=None, backend=None,
-                   return_stats=False):
+                   return_stats=False, corruption="mask"):
     """Sample a completion of every prompt, block by block, with an exact KV cache.
 
     Args:
@@ -105,6 +123,11 @@ def block_generate(model, prompt, attention_mask=None, *, gen_length=2048, block
         generator: torch.Generator for temperature > 0.
         backend: remask_step's backend.
         return_stats: also return a BlockGenerateStats.
+        corruption: "mask" (LLaDA2: blocks start as mask_id, the steps above) or "uniform"
+            (DiffusionGemma: blocks start as random ids, the steps of "Uniform corruption"
+            above; mask_id is not used, steps is not capped, max_post_steps and minimal_topk
+            do not apply, editing_threshold must be None or > 0, and generator also drives
+            the random ids).
 
     Returns:
         x [B, Lp + gen_length] int64 (prompt then generation), and the stats with
@@ -115,10 +138,17 @@ def block_generate(model, prompt, attention_mask=None, *, gen_length=2048, block
     """
     _check_model(model)
     config = getattr(model, "config", None)
-    mask_id = _id(mask_id, config, "mask_token_id", required=True)
+    if corruption not in CORRUPTIONS:
+        _fail(f"corruption must be one of {CORRUPTIONS}; got {corruption!r}")
+    uniform = corruption == "uniform"
+    mask_id = _id(mask_id, config, "mask_token_id", required=not uniform)
     eos_id = _id(eos_id, config, "eos_token_id", required=stop_at_eos)
     b = _check(model, prompt, attention_mask, gen_length, block_length, steps, temperature,
                threshold, editing_threshold, max_post_steps, minimal_topk, mask_id, cache)
+    if uniform:
+        return _generate_uniform(model, prompt, attention_mask, gen_length, b, steps or b,
+                                 temperature, threshold, editing_threshold, stop_at_eos,
+                                 eos_id, cache, generator, backend, return_stats)
     steps = min(b if steps is None else steps, max(gen_length // minimal_topk, 1))
     schedule = transfer_schedule(b, steps)
     strict = None if threshold is None else _next_fp32(threshold)
@@ -315,7 +345,7 @@ def _check(model, prompt, attention_mask, gen_length, block_length, steps, tempe
             _fail(f"{name} must be a finite float or None; got {t!r}")
     rows = getattr(config, "embedding_size", None) or getattr(config, "vocab_size", None)
     if rows is not None:
-        if not 0 <= mask_id < rows:
+        if mask_id is not None and not 0 <= mask_id < rows:
             _fail(f"mask_id ({mask_id}) is outside the model's vocabulary [0, {rows})")
         _checks.check_index("block_generate", "prompt", prompt, rows)
     max_len = getattr(config, "max_sequence_length", None) or getattr(config, "max_position_embeddings", None)
@@ -328,6 +358,98 @@ def _check(model, prompt, attention_mask, gen_length, block_length, steps, tempe
             got = (list(attention_mask.shape) if isinstance(attention_mask, torch.Tensor)
                    else type(attention_mask).__name__)
             _fail(f"attention_mask must have the prompt's shape {[B, Lp]}; got {got}")
-        if bool(((attention_mask == 0) & (prompt.to(attention_mask.device) == mask_id)).any()):
+        if mask_id is not None and bool(((attention_mask == 0)
+                                         & (prompt.to(attention_mask.device) == mask_id)).any()):
             _fail(f"the prompt's padding uses mask_id ({mask_id}); pad with another id")
     return b
+
+
+# ---- uniform corruption (DiffusionGemma) ---------------------------------------------------
+
+def uniform_quota(step, n, steps):
+    """The positions of a block's n generated ones that are committed after step `step`
+    (0-based) of `steps` in uniform-corruption mode: ceil((step + 1) * n / steps), the
+    cumulative quota of diffusers' BlockRefinementScheduler. A step commits what is still
+    owed, so positions committed early by the threshold lower the later steps' top-k."""
+    return -(-(step + 1) * n // steps)
+
+
+def _generate_uniform(model, prompt, attention_mask, gen_length, b, steps, temperature,
+                      threshold, editing_threshold, stop_at_eos, eos_id, cache, generator,
+                      backend, return_stats):
+    """block_generate(corruption="uniform"); the arguments are checked. Each step is one
+    remask_step whose candidates are the uncommitted positions (passed as x = 0 there, 1
+    elsewhere, with mask_id=0) and num_transfer the quota still owed per row; editing is a
+    second remask_step over the committed positions (num_transfer=0, the editing threshold):
+    at temperature > 0 it draws its own x0 (diffusers edits with the step's one sample). One
+    pass would need remask_step to take the candidates as a [B, L] mask (not x == mask_id:
+    here every id is a real token) and to edit the other positions against the real tokens.
+    Host synchronisation: none per step; one per block with stop_at_eos."""
+    config = model.config
+    V = getattr(config, "embedding_size", None) or getattr(config, "vocab_size", None)
+    if V is None:
+        _fail("corruption='uniform' draws ids in [0, V): the model's config has neither "
+              "embedding_size nor vocab_size")
+    if editing_threshold is not None and editing_threshold <= 0:
+        _fail(f"editing_threshold must be None or > 0 with corruption='uniform' (diffusers' "
+              f"uniform mode edits at any value that is not None, its mask mode only above 0: "
+              f"a value <= 0 would mean different things); got {editing_threshold!r}")
+    strict = None if threshold is None else _next_fp32(threshold)
+    edit_strict = None if editing_threshold is None else _next_fp32(editing_threshold)
+    with torch.inference_mode():
+        B, Lp = prompt.shape
+        device = _device(model)
+        T = -(-(Lp + gen_length) // b) * b
+        x = torch.zeros((B, T), dtype=torch.long, device=device)
+        x[:, :Lp] = prompt.to(device)
+        am = torch.zeros(B, T, dtype=torch.bool, device=device)
+        am[:, :Lp] = True if attention_mask is None else attention_mask.to(device).bool()
+        am[:, Lp:Lp + gen_length] = True
+        stats = BlockGenerateStats()
+        runner = _Runner(model, b, cache)
+        rows = torch.arange(B, device=device)          # the rows still running (stop_at_eos)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+
+        def noise():  # [B', b]: the batch's draw, so a row's ids do not depend on the others
+            return torch.randint(0, V, (B, b), device=device, generator=generator)[rows]
+
+        for n in range(Lp // b, T // b):
+            s, e = n * b, (n + 1) * b
+            xa, ama = x[rows], am[rows]
+            gen = torch.arange(s, e, device=device) >= Lp                     # [b] generated
+            ngen = e - max(s, Lp)
+            xa[:, s:e] = torch.where(gen, noise(), xa[:, s:e])
+            committed = (~gen).expand(len(rows), b).clone()                   # [B', b]
+            for step in range(steps):
+                block = xa[:, s:e]
+                logits = runner.logits(xa, ama, s, e)                         # [B', b, V]
+                owed = (uniform_quota(step, ngen, steps) - (committed & gen).sum(1)).clamp(min=0)
+                new, transfer = remask_step(logits, committed.long(), owed, mask_id=0,
+                                            temperature=temperature, threshold=strict,
+                                            generator=generator, backend=backend)
+                tokens = torch.where(transfer, new, block)
+                if edit_strict is not None:
+                    was = committed & gen
+                    x0, sure = remask_step(logits, (~was).long(), 0, mask_id=0,
+                                           temperature=temperature, threshold=edit_strict,
+                                           generator=generator, backend=backend)
+                    tokens = torch.where(sure & (x0 != block), x0, tokens)
+                committed |= transfer
+                xa[:, s:e] = torch.where(committed, tokens, noise())
+            stats.model_calls += steps
+            stats.calls_per_block.append(steps)
+            x[rows] = xa
+            if stop_at_eos:
+                keep = ~(xa[:, Lp:e] == eos_id).any(1)
+                done[rows] = ~keep
+                stats.finished_rows_per_block.append(int(done.sum()))
+                if not bool(keep.all()):
+                    rows = rows[keep]
+                    runner.keep_rows(keep)
+                if len(rows) == 0:
+                    break
+        x = x[:, :Lp + gen_length]
+        if stop_at_eos:
+            x[:, Lp:] = _after_eos(x[:, Lp:], eos_id)
+    x = x.clone()  # an ordinary tensor, not an inference tensor
+    return (x, stats) if return_stats else x

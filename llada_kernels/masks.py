@@ -132,6 +132,17 @@ class AttentionMask:
         return AttentionMask(q_mask.contiguous(), k_mask,
                              "key_padding" if kpm is not None else self.kind, kpm)
 
+    def keys(self, start: int, stop: int) -> AttentionMask:
+        """The same mask restricted to keys [start, stop) (the queries unchanged): what one
+        rank runs over its chunk of the keys under context parallelism, before
+        llada_kernels.merge_attention combines the chunks' outputs."""
+        if not 0 <= start <= stop <= self.k_len:
+            _checks.fail("AttentionMask.keys", f"need 0 <= start <= stop <= k_len = {self.k_len}; "
+                         f"got start={start}, stop={stop}")
+        kpm = None if self.key_padding_mask is None else self.key_padding_mask[:, start:stop]
+        k_mask = self.k_mask[:, :, start:stop].contiguous()
+        return AttentionMask(self.q_mask, k_mask, self.kind, kpm)
+
     def tensors(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(q_mask, k_mask) for a batch of batch_size rows, contiguous, as the kernels take them."""
         if self.batch_size not in (1, batch_size):

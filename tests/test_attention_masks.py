@@ -579,7 +579,7 @@ if _backend._triton_error() is None:
     import triton
     import triton.language as tl  # noqa: F401  (the planted kernel below needs it visible)
 
-    from llada_kernels.triton import bidirectional_attention as triton_kernels
+    from llada_kernels.triton import attention as triton_kernels
 
     _real_classify = triton_kernels._classify
 

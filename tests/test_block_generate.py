@@ -199,3 +199,29 @@ def test_bad_arguments(model):
         args.update(kw)
         with pytest.raises(exc, match=msg):
             block_generate(args.pop("model"), args.pop("prompt"), **args)
+
+
+def test_uniform_corruption_cache_prompt_and_random_ids(model):
+    """corruption="uniform" (parity with diffusers' DiffusionGemmaPipeline:
+    tests/test_block_generate_diffusers.py): the exact cache gives the full recompute's tokens
+    with the prompt's last partial block and editing; the prompt stays; a block
+    takes exactly `steps` calls, more than b allowed; other random ids give other tokens."""
+    prompt, am = batch()
+    kw = dict(gen_length=13, corruption="uniform", steps=5, threshold=0.2, editing_threshold=0.3,
+              return_stats=True)
+    x, st = block_generate(model, prompt, am, generator=torch.Generator().manual_seed(0), **kw)
+    ref, st_ref = block_generate(model, prompt, am, cache=None,
+                                 generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(x, ref) and torch.equal(x[:, :10], prompt)
+    assert st.calls_per_block == st_ref.calls_per_block == [5] * 4          # blocks 2..5
+    other = block_generate(model, prompt, am, generator=torch.Generator().manual_seed(1), **kw)[0]
+    assert not torch.equal(other, x)
+
+
+def test_uniform_corruption_bad_arguments(model):
+    prompt, am = batch()
+    for kw, msg in [(dict(corruption="gaussian"), "corruption must be one of"),
+                    (dict(corruption="uniform", editing_threshold=0.0),
+                     r"editing_threshold must be None or > 0 with corruption='uniform'")]:
+        with pytest.raises(ValueError, match=msg):
+            block_generate(model, prompt, am, gen_length=8, **kw)

@@ -14,6 +14,7 @@ import torch
 
 from llada_kernels import masks
 
+import test_attention_lse as lse_test
 import test_attention_masks as am
 import test_bidirectional_attention as attn
 import test_masked_diffusion_loss as loss
@@ -277,9 +278,35 @@ def test_attention_masks(case):
     assert emu.calls["attention_fwd"] == 1 and emu.calls["attention_bwd"] == 1
 
 
+@pytest.mark.parametrize("case,dtype", [((2, 2, 1, 70, 70, 64, "block_diffusion"), torch.bfloat16),
+                                        ((2, 2, 1, 70, 70, 128, "empty_rows"), torch.float16)],
+                         ids=["block_diffusion-bf16", "empty_rows-fp16"])
+def test_attention_lse_gradient(case, dtype):
+    """return_lse's gradient through the CUDA backward (delta less dlse in the delta kernel):
+    tests/test_attention_lse.py's check, fp64 truth, 2x rule."""
+    *shape, kind = case
+
+    def fn(q, k, v, mask):
+        out, lse = torch.ops.llada.attention_fwd(q, k, v, *mask.tensors(q.shape[0]),
+                                                 q.shape[-1] ** -0.5)
+        return out, lse.masked_fill(lse == float("inf"), float("-inf"))
+
+    with EmulatedCuda() as emu:
+        lse_test.check_lse(fn, tuple(shape), kind, dtype)
+    assert emu.calls["attention_fwd"] >= 1 and emu.calls["attention_bwd"] >= 1
+
+
 def test_attention_rejects_what_the_cuda_kernel_does_not_support():
     q = torch.randn(1, 2, 8, 32, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="D must be 64 or 128"):
         run("attention_fwd", (q, q, q, None, None, 1.0))
     with pytest.raises(RuntimeError, match="float16 or bfloat16"):
         run("attention_fwd", (q.float(), q.float(), q.float(), None, None, 1.0))
+    # Past 65535 tiles of 64 rows along grid.y: a named error, not a failed launch (stride-0
+    # views: nothing of that size is allocated).
+    long = torch.zeros(1, 1, 1, 64, dtype=torch.bfloat16).expand(1, 1, 65535 * 64 + 1, 64)
+    short = torch.zeros(1, 1, 8, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="Lq and Lk must be <= 4194240.*Lq = 4194241, Lk = 8"):
+        run("attention_fwd", (long, short, short, None, None, 1.0))
+    with pytest.raises(RuntimeError, match="Lq = 8, Lk = 4194241"):
+        run("attention_fwd", (short, long, long, None, None, 1.0))

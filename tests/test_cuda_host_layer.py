@@ -271,7 +271,7 @@ def _fused_loss_case():
 
 SHARED, GLOBAL = r"shared-memory hazard", r"global-memory race"
 REAL_BARRIERS = [  # (file, the line at or before the barrier, a run of the kernel, the report)
-    ("csrc/cuda/bidirectional_attention.cu", r"load_tile<T, D, kTile>\(Vs, v, n0, p\.Lk\);", _attention_case, SHARED),
+    ("csrc/cuda/attention.cu", r"load_tile<T, D, kTile>\(Vs, v, n0, p\.Lk\);", _attention_case, SHARED),
     ("csrc/cuda/masked_diffusion_loss.cu", r"if \(lane == 0\) sm\[warp\] = ", _loss_case, SHARED),
     ("csrc/cuda/masked_diffusion_loss.cu", r"x\[t\] is read above", _fused_loss_case, GLOBAL),
     ("csrc/cuda/block_reduce.cuh", r"if \(lane == 0\) smem\[warp\] = v;", _remask_case, SHARED),

@@ -1,7 +1,7 @@
 // The backward of llada::attention_fwd on the CPU: llada::attention_bwd (schema: csrc/ops.cpp;
 // what it shares with the forward, and the notation: attention.h).
 //
-// With delta_i = sum_d dO_id O_id:
+// With delta_i = sum_d dO_id O_id - dlse_i (dlse: the gradient of the returned lse, or 0):
 //   P = exp(S - lse),  dP = dO V^T,  dS = P (dP - delta),
 //   dV = P^T dO,  dK = scale dS^T Q,  dQ = scale dS K
 // in one pass of five products per (query tile, key tile) pair that the mask does not skip,
@@ -93,7 +93,7 @@ void probabilities(float* st, float* dpt, const int32_t* qdoc, const int32_t* le
 template <typename T, typename C>
 void backward(const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_,
               const at::Tensor& v_, const Mask& mask, const at::Tensor& out_, const float* lse,
-              float scale, at::Tensor& dq_, at::Tensor& dk_, at::Tensor& dv_) {
+              const float* dlse, float scale, at::Tensor& dq_, at::Tensor& dk_, at::Tensor& dv_) {
   const Dims s(q_, k_);
   const Rows<const T> dout(dout_), q(q_), k(k_), v(v_), out(out_);
   const Rows<T> dq(dq_), dk(dk_), dv(dv_);
@@ -166,7 +166,8 @@ void backward(const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k
               w.qdoc[i] = in ? mask.qdoc(b)[m0 + i] : 0;
               w.level[i] = in ? mask.level(b)[m0 + i] : 0;
               w.lse[i] = in ? lse[row0 + i] : kInf;
-              w.delta[i] = in ? w.prod[i * kBM + i] : 0.f;  // the diagonal of O dO^T
+              // the diagonal of O dO^T, less the lse gradient (d lse_i / d S_ij = P_ij)
+              w.delta[i] = in ? w.prod[i * kBM + i] - (dlse ? dlse[row0 + i] : 0.f) : 0.f;
             }
             std::fill(w.dqt.begin(), w.dqt.end(), 0.f);
 
@@ -233,7 +234,8 @@ void backward(const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& q_mask, const std::optional<at::Tensor>& k_mask,
-    const at::Tensor& out, const at::Tensor& lse, double scale) {
+    const at::Tensor& out, const at::Tensor& lse, double scale,
+    const std::optional<at::Tensor>& grad_lse) {
   check_inputs("attention_bwd", q, k, v, q_mask, k_mask);
   for (const at::Tensor* t : {&grad_out, &out}) {
     TORCH_CHECK(t->sizes() == q.sizes() && t->stride(3) == 1 && t->scalar_type() == q.scalar_type(),
@@ -242,6 +244,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.dim() == 3 &&
                   lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
               "attention_bwd (cpu): lse must be contiguous fp32 [B, Hq, Lq]");
+  TORCH_CHECK(!grad_lse || (grad_lse->scalar_type() == at::kFloat && grad_lse->is_contiguous() &&
+                            grad_lse->sizes() == lse.sizes()),
+              "attention_bwd (cpu): grad_lse must be None or contiguous fp32 like lse");
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::zeros(k.sizes(), k.options());
   at::Tensor dv = at::zeros(v.sizes(), v.options());
@@ -255,7 +260,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   const auto run = [&](auto t_tag, auto c_tag) {
     using T = decltype(t_tag);
     using C = decltype(c_tag);
-    backward<T, C>(grad_out, q, k, v, m, out, lse.data_ptr<float>(), sc, dq, dk, dv);
+    backward<T, C>(grad_out, q, k, v, m, out, lse.data_ptr<float>(),
+                   grad_lse ? grad_lse->data_ptr<float>() : nullptr, sc, dq, dk, dv);
   };
   switch (q.scalar_type()) {
     case at::kFloat: run(float{}, float{}); break;

@@ -37,7 +37,8 @@ def attention(
     document_ids: torch.Tensor | None = None,
     scale: float | None = None,
     backend: str | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Scaled dot-product attention with a structured mask and grouped KV heads:
 
         out[b, h, i] = sum_j softmax_j(scale * q[b, h, i] . k[b, h // G, j]) v[b, h // G, j]
@@ -76,9 +77,15 @@ def attention(
         backend: "reference", "cpu", "triton" or "cuda"; see llada_kernels._backend.
             cpu: float32, bfloat16, float16, D <= 256. triton: bfloat16, float16,
             D in {16, 32, 64, 128}. cuda: bfloat16, float16, D in {64, 128}.
+        return_lse: also return each row's log-sum-exp, for merging partial results over key
+            chunks (context parallelism: `merge_attention`).
 
     Returns:
         out: [B, Hq, Lq, D], q's dtype, contiguous. Accumulation is in fp32.
+        lse (with return_lse): [B, Hq, Lq] fp32, log sum_j exp(scale * q_i . k_j) over the
+            keys row i sees (natural log, as flash-attn's softmax_lse); -inf for a row that
+            sees no key (log 0, so that merging treats it as an empty part). Differentiable:
+            its gradient reaches q and k in the same backward pass (no extra kernel).
     """
     B, Hq, Lq, D, Hkv, Lk = _check(q, k, v)
     # An AttentionMask, None (every key), or the [B, Lk] key padding alone (the common case
@@ -92,7 +99,10 @@ def attention(
     if name == "reference":
         dense = mask[:, None, :].expand(B, Lq, Lk) if isinstance(mask, torch.Tensor) \
             else None if mask is None else mask.to_dense()
-        return reference.attention(q, k, v, dense, scale)
+        if not return_lse:
+            return reference.attention(q, k, v, dense, scale)
+        out, lse = reference.attention(q, k, v, dense, scale, return_lse=True)
+        return out, _public_lse(lse)
 
     dtypes, head_dims = SUPPORTED[name]
     _checks.check_in(OP, "q.dtype", q.dtype, dtypes, f" on the {name} backend")
@@ -103,8 +113,50 @@ def attention(
     else:
         q_mask, k_mask = (None, None) if mask is None else mask.tensors(B)
     fwd = torch.ops.llada.attention_fwd_triton if name == "triton" else torch.ops.llada.attention_fwd
-    out, _ = fwd(q, k, v, q_mask, k_mask, scale)
-    return out
+    out, lse = fwd(q, k, v, q_mask, k_mask, scale)
+    return (out, _public_lse(lse)) if return_lse else out
+
+
+def _public_lse(lse: torch.Tensor) -> torch.Tensor:
+    """The kernels' lse [B, Hq, Lq] (+inf where a row sees no key, so that exp(s - lse) = 0 in
+    their backward) -> the returned one (-inf there: log of an empty sum)."""
+    return lse.masked_fill(lse == float("inf"), float("-inf"))
+
+
+def merge_attention(outs, lses):
+    """Merge attention over disjoint key chunks (context parallelism, ring attention): with
+    out_c, lse_c = attention(q, k_c, v_c, ..., return_lse=True) for chunks k_c, v_c that
+    partition the keys (each call masked as the whole would be: same q positions, the chunk's
+    part of the mask), the full result is
+
+        lse = log sum_c exp(lse_c),   out = sum_c exp(lse_c - lse) out_c.
+
+    Args:
+        outs: a sequence of [B, Hq, Lq, D] tensors (one per chunk, same dtype).
+        lses: the matching [B, Hq, Lq] fp32 tensors (or all fp64); -inf marks a row that saw no key of the chunk (its out_c is ignored).
+    Returns:
+        out [B, Hq, Lq, D] in outs' dtype (summed in lses' dtype) and lse [B, Hq, Lq], -inf
+        where no chunk had a key for the row (out 0 there). Differentiable in every out_c and
+        lse_c (autograd), so gradients flow back through each chunk's attention call.
+    """
+    outs, lses = list(outs), list(lses)
+    if lses and lses[0].dtype not in (torch.float32, torch.float64):
+        _checks.fail("merge_attention", f"lses must be float32 (or float64); got {lses[0].dtype}",
+                     TypeError)
+    if not outs or len(outs) != len(lses):
+        _checks.fail("merge_attention", f"outs and lses must be non-empty and of equal length; "
+                     f"got {len(outs)} and {len(lses)}")
+    for c, (o, l) in enumerate(zip(outs, lses)):
+        _checks.check_tensor("merge_attention", f"lses[{c}]", l, dtypes=(lses[0].dtype,), ndim=3)
+        _checks.check_shape("merge_attention", f"outs[{c}]", o, (*lses[0].shape, outs[0].shape[-1]))
+        _checks.check_shape("merge_attention", f"lses[{c}]", l, tuple(lses[0].shape))
+    lse_all = torch.stack(lses)                                         # [C, B, Hq, Lq]
+    lse = torch.logsumexp(lse_all, dim=0)                               # -inf: no key anywhere
+    # exp(lse_c - lse), 0 for an empty chunk and for rows no chunk sees (never NaN).
+    w = torch.exp(lse_all - lse.masked_fill(lse == float("-inf"), 0.0))
+    out = sum(w[c, ..., None] * o.to(w.dtype).masked_fill(torch.isneginf(lses[c])[..., None], 0.0)
+              for c, o in enumerate(outs))
+    return out.to(outs[0].dtype), lse
 
 
 _warned = False
@@ -203,7 +255,7 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, *mask_tensors, out, lse)
     ctx.scale = scale
-    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # lse is usually unused: its gradient then stays None
 
 
 def _make_backward(bwd):
@@ -214,7 +266,9 @@ def _make_backward(bwd):
                 "and cuda kernels: their backward is not differentiable. Use backend='reference' "
                 "for second derivatives.")
         q, k, v, *mask_tensors, out, lse = ctx.saved_tensors
-        dq, dk, dv = bwd(_checks.unit_stride(grad_out), q, k, v, *mask_tensors, out, lse, ctx.scale)
+        grad_out = torch.zeros_like(out) if grad_out is None else _checks.unit_stride(grad_out)
+        grad_lse = None if grad_lse is None else grad_lse.float().contiguous()
+        dq, dk, dv = bwd(grad_out, q, k, v, *mask_tensors, out, lse, ctx.scale, grad_lse)
         return (dq, dk, dv, *(None for _ in mask_tensors), None)
     return backward
 

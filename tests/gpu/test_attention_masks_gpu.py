@@ -58,3 +58,27 @@ def test_strided_inputs(backend, layout):
     _needs(backend)
     check_backend(backend, "cuda", (2, 4, 2, 200, 200, 64), "block_diffusion", torch.bfloat16,
                   layout=layout, truth_device="cuda")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("shape,kind", [((2, 4, 2, 200, 333, 64), "kv_cache"),
+                                        ((3, 4, 2, 256, 256, 128), "block_diffusion"),
+                                        ((3, 4, 2, 200, 200, 64), "empty_rows")],
+                         ids=["kv_cache", "block_diffusion", "empty_rows"])
+def test_lse_gradient_and_key_chunk_merge(backend, shape, kind):
+    """return_lse's value and gradient (through the kernels' delta), then the keys split in
+    two and merged (tests/test_attention_lse.py's check: fp64 truth, 2x rule)."""
+    from test_attention_lse import check_lse, chunked
+
+    _needs(backend)
+
+    def whole(q, k, v, m):
+        m = None if m is None else m.to("cuda")
+        return lk.attention(q.cuda(), k.cuda(), v.cuda(), m, backend=backend, return_lse=True)
+
+    def halves(q, k, v, m):
+        return chunked(backend, (shape[4] // 2 + 1,))(q.cuda(), k.cuda(), v.cuda(), m.to("cuda"))
+
+    for dtype in (torch.bfloat16, torch.float16):
+        check_lse(whole, shape, kind, dtype)
+        check_lse(halves, shape, kind, dtype)

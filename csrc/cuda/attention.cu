@@ -67,6 +67,7 @@ struct Params {
   const int *qm, *km;            // [B, 2, Lq] and [B, 3, Lk], or both null (no mask)
   void *o, *dq, *dk, *dv;        // outputs, contiguous
   float *lse, *delta;            // [B, Hq, Lq]
+  const float* dlse;             // [B, Hq, Lq], the gradient of lse, or null (zero)
   int64_t q_s[3], k_s[3], v_s[3], dout_s[3], out_s[3];  // strides of B, H, L
   int Hq, Hkv, G, Lq, Lk;
   float scale, scale_log2;
@@ -323,18 +324,23 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Params p)
 
 // ---- backward ----------------------------------------------------------------------------
 
-// delta[b, h, i] = sum_d dO[b, h, i, d] O[b, h, i, d]: one warp per row.
+// delta[b, h, i] = sum_d dO[b, h, i, d] O[b, h, i, d] - dlse[b, h, i]: one warp per row. (The
+// lse gradient: d lse_i / d s_ij = p_ij, so dS = P (dP - delta) takes it through delta.) A 1-D
+// grid of B Hq ceil(Lq / 4) CTAs (grid.x reaches 2^31 - 1; grid.y would stop at 65535).
+constexpr int kDeltaRows = kThreads / 32;
 template <typename T>
 __global__ void __launch_bounds__(kThreads) attention_delta_kernel(const Params p, int D) {
-  const int64_t bh = blockIdx.x, b = bh / p.Hq, h = bh % p.Hq;
-  const int i = blockIdx.y * (kThreads / 32) + threadIdx.x / 32;
+  const int64_t row_blocks = (p.Lq + kDeltaRows - 1) / kDeltaRows;
+  const int64_t bh = blockIdx.x / row_blocks, b = bh / p.Hq, h = bh % p.Hq;
+  const int i = static_cast<int>(blockIdx.x % row_blocks) * kDeltaRows + threadIdx.x / 32;
   if (i >= p.Lq) return;
   const Slab<T> dout = slab<T>(p.dout, p.dout_s, b, h), out = slab<T>(p.out, p.out_s, b, h);
   float acc = 0.f;
   for (int d = threadIdx.x % 32; d < D; d += 32)
     acc += mma::to_float(dout.p[i * dout.sl + d]) * mma::to_float(out.p[i * out.sl + d]);
   for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  if (threadIdx.x % 32 == 0) p.delta[bh * p.Lq + i] = acc;
+  const float dlse = p.dlse ? p.dlse[bh * p.Lq + i] : 0.f;
+  if (threadIdx.x % 32 == 0) p.delta[bh * p.Lq + i] = acc - dlse;
 }
 
 template <typename T, int D>
@@ -575,8 +581,14 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               "attention (cuda): D must be 64 or 128; got ", q.size(3));
   TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0,
               "attention (cuda): Hq must be a multiple of Hkv");
-  TORCH_CHECK(q.size(2) < (1 << 30) && k.size(2) < (1 << 30),
-              "attention (cuda): sequence lengths must be < 2^30");
+  // One CTA per 64 rows along grid.y (at most 65535), one per (batch, head) along grid.x.
+  constexpr int64_t kMaxLen = 65535 * kTile;
+  TORCH_CHECK(q.size(2) <= kMaxLen && k.size(2) <= kMaxLen,
+              "attention (cuda): Lq and Lk must be <= ", kMaxLen, " (65535 tiles of ", kTile,
+              "); got Lq = ", q.size(2), ", Lk = ", k.size(2));
+  TORCH_CHECK(q.size(0) * q.size(1) * ((q.size(2) + kDeltaRows - 1) / kDeltaRows) < (1LL << 31),
+              "attention (cuda): B * Hq * ceil(Lq / ", kDeltaRows, ") must be < 2^31; got B = ",
+              q.size(0), ", Hq = ", q.size(1), ", Lq = ", q.size(2));
   TORCH_CHECK(q_mask.has_value() == k_mask.has_value(),
               "attention (cuda): q_mask and k_mask must both be given or both be None");
   if (q_mask) {
@@ -636,15 +648,20 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const OptTensor& q_mask, const OptTensor& k_mask, const at::Tensor& out,
-    const at::Tensor& lse_, double scale) {
+    const at::Tensor& lse_, double scale, const OptTensor& grad_lse_) {
   check_inputs(q_, k_, v_, q_mask, k_mask);
   TORCH_CHECK(grad_out.device() == q_.device() && out.device() == q_.device() &&
                   grad_out.scalar_type() == q_.scalar_type() &&
                   out.scalar_type() == q_.scalar_type() && lse_.scalar_type() == at::kFloat,
               "attention (cuda): grad_out and out must match q; lse must be fp32");
+  TORCH_CHECK(!grad_lse_ || (grad_lse_->device() == q_.device() &&
+                             grad_lse_->scalar_type() == at::kFloat &&
+                             grad_lse_->sizes() == lse_.sizes()),
+              "attention (cuda): grad_lse must be None or fp32 like lse");
   const c10::cuda::CUDAGuard guard(q_.device());
   const at::Tensor q = aligned(q_), k = aligned(k_), v = aligned(v_), dout = aligned(grad_out);
   const at::Tensor lse = lse_.contiguous();
+  const at::Tensor grad_lse = grad_lse_ ? grad_lse_->contiguous() : at::Tensor();
   const int64_t B = q.size(0), Hq = q.size(1), Hkv = k.size(1), Lq = q.size(2), Lk = k.size(2);
   const int64_t D = q.size(3);
   at::Tensor dq = at::empty(q.sizes(), q.options());
@@ -655,11 +672,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   p.dout = dout.data_ptr(), p.out = out.data_ptr();
   set_strides(p.dout_s, dout), set_strides(p.out_s, out);
   p.lse = const_cast<float*>(lse.data_ptr<float>()), p.delta = delta.data_ptr<float>();
+  p.dlse = grad_lse.defined() ? grad_lse.data_ptr<float>() : nullptr;
   p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch(q.scalar_type(), D, [&]<typename T, int kD>() {
-    const dim3 rows(static_cast<unsigned>(B * Hq), tiles(Lq, kThreads / 32));
-    if (rows.x > 0 && rows.y > 0) {
+    const dim3 rows(static_cast<unsigned>(B * Hq) * tiles(Lq, kDeltaRows));
+    if (rows.x > 0) {
       attention_delta_kernel<T><<<rows, kThreads, 0, stream>>>(p, kD);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }

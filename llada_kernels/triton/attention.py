@@ -249,11 +249,11 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_delta_kernel(
-    Out, dO, Delta,                      # Out, dO [B, Hq, Lq, D]; Delta [B, Hq, Lq] fp32
+    Out, dO, dLse, Delta,                # Out, dO [B, Hq, Lq, D]; dLse, Delta [B, Hq, Lq] fp32
     stride_ob, stride_oh, stride_ol,
     stride_gb, stride_gh, stride_gl,
     Hq, Lq,
-    D: tl.constexpr, BLOCK_M: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -267,6 +267,8 @@ def _bwd_delta_kernel(
     g = tl.load(dO + b * stride_gb + h * stride_gh + r64 * stride_gl + offs_d[None, :],
                 mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * g.to(tl.float32), axis=1)
+    if HAS_DLSE:  # the gradient of the returned lse: d lse_i / d s_ij = p_ij, so dS gains p dLse
+        delta -= tl.load(dLse + bh * Lq + rows, mask=rows < Lq, other=0.0)
     tl.store(Delta + bh * Lq + rows, delta, mask=rows < Lq)
 
 
@@ -502,7 +504,7 @@ def _fwd(q, k, v, q_mask, k_mask, scale):
     return out, lse
 
 
-def _bwd(grad_out, q, k, v, q_mask, k_mask, out, lse, scale):
+def _bwd(grad_out, q, k, v, q_mask, k_mask, out, lse, scale, grad_lse=None):
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -516,9 +518,10 @@ def _bwd(grad_out, q, k, v, q_mask, k_mask, out, lse, scale):
     interp = _backend.interpreting()
 
     blocks, warps, stages = _config("delta", D)
+    dlse = None if grad_lse is None else grad_lse.contiguous()
     _bwd_delta_kernel[(triton.cdiv(Lq, blocks["BLOCK_M"]), B * Hq)](
-        out, grad_out, delta, *_strides(out), *_strides(grad_out), Hq, Lq, D=D, **blocks,
-        num_warps=warps, num_stages=stages)
+        out, grad_out, delta if dlse is None else dlse, delta, *_strides(out), *_strides(grad_out),
+        Hq, Lq, D=D, **blocks, HAS_DLSE=dlse is not None, num_warps=warps, num_stages=stages)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
     blocks, warps, stages = _config("dkdv", D, has_mask)
     _bwd_dkdv_kernel[(triton.cdiv(Lk, blocks["BLOCK_N"]), B * Hkv)](
@@ -547,10 +550,12 @@ def _aot_specs():
         ptr = f"*{dtype}"
         for D in HEAD_DIMS:
             blocks, warps, stages = _config("delta", D)
-            sig = {"Out": ptr, "dO": ptr, "Delta": "*fp32",
+            sig = {"Out": ptr, "dO": ptr, "dLse": "*fp32", "Delta": "*fp32",
                    **{f"stride_{t}{d}": i32 for t in "og" for d in "bhl"}, "Hq": i32, "Lq": i32}
-            specs.append(AotSpec(f"attn_bwd_delta_{dtype}_d{D}", _bwd_delta_kernel, sig,
-                                 {"D": D, **blocks}, warps, stages))
+            for has_dlse in (False, True):
+                specs.append(AotSpec(f"attn_bwd_delta_{dtype}_d{D}" + ("_dlse" if has_dlse else ""),
+                                     _bwd_delta_kernel, sig,
+                                     {"D": D, **blocks, "HAS_DLSE": has_dlse}, warps, stages))
             for has_mask in (True, False):
                 tag = f"{dtype}_d{D}" + ("_masked" if has_mask else "")
                 common = {"Q": ptr, "K": ptr, "V": ptr, "QM": "*i32", "KM": "*i32"}
