@@ -2,7 +2,10 @@
 #   make bench   the main job: the benchmark suite (CSV + plots under benchmarks/results/),
 #                then the end-to-end demo (train a tiny LLaDA on CPU, sample every way)
 #   make test    the test suite (C++ CPU kernels, Triton interpreter, ahead-of-time compiles, CMake)
-# And CI's second run:
+# And CI's other runs:
+#   make test-diffusers  the block sampler's parity tests against diffusers >= 0.42 (and the
+#                transformers 5.x it needs) in .venv-diffusers, which holds only those two
+#                (requirements-diffusers.txt) and sees the rest of .venv through a .pth line
 #   make test-oldest   the oldest supported torch and Triton (requirements-oldest.txt) in
 #                .venv-oldest: the C++ CPU kernels built against that torch, in a copy of the
 #                tree (build-oldest/src, so the in-place build of `make test` stays), then the
@@ -18,6 +21,8 @@ PY     := $(VENV)/bin/python
 OLDEST_VENV ?= .venv-oldest
 OLDEST_PY   := $(abspath $(OLDEST_VENV))/bin/python
 OLDEST_SRC  := build-oldest/src
+DIFFUSERS_VENV ?= .venv-diffusers
+DIFFUSERS_PY   := $(DIFFUSERS_VENV)/bin/python
 # What the oldest run leaves out (about half the suite's time): the demo (a training run), the
 # CMake build (setup.py's build is the one tested against this torch), the CUDA kernels on the
 # host emulation (their device code does not depend on torch; the newest run has them): the
@@ -33,7 +38,7 @@ OLDEST_SKIP := --ignore=tests/test_demo.py --ignore=tests/test_cuda_host.py \
 	-k "not (triton and (random_remasking_picks_uniformly or sampling_frequencies_match_softmax)) \
 	and not cuda-emu"
 
-.PHONY: test bench install clean test-oldest
+.PHONY: test bench install clean test-oldest test-diffusers
 
 $(VENV)/.deps: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -70,3 +75,15 @@ test-oldest: $(OLDEST_VENV)/.deps
 
 clean:
 	rm -rf build build-cmake build-oldest *.egg-info llada_kernels/_C*.so
+
+$(DIFFUSERS_VENV)/.deps: requirements-diffusers.txt $(VENV)/.deps
+	$(PYTHON) -m venv $(DIFFUSERS_VENV)
+	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
+		"$$($(DIFFUSERS_PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/zz_llada_venv.pth"
+	$(DIFFUSERS_PY) -m pip install -q -r requirements-diffusers.txt
+	touch $@
+
+test-diffusers: install $(DIFFUSERS_VENV)/.deps
+	$(DIFFUSERS_PY) -c "import diffusers, transformers, torch; print('diffusers run: diffusers', \
+		diffusers.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)"
+	$(DIFFUSERS_PY) -m pytest -p no:cacheprovider tests/test_block_generate_diffusers.py
