@@ -28,12 +28,21 @@ TORCH_LIBRARY(llada, m) {
   //   zero_confidence_ids  ids whose logits count as -inf in the confidence softmax only
   //   seed           [1] int64 on the logits' device, or None; required when
   //                  temperature > 0 or remasking == "random"
-  // Returns x_new [B, L] int64 and transfer [B, L] bool (the positions written).
+  //   edit_threshold LLaDA2.1's token editing, or None (off): an editable position holding a
+  //                  committed token (x != mask_id, any l) is scored in the same pass as the
+  //                  candidates (x0 and confidence by the same rules, its own noise) and takes
+  //                  x0 iff x0 != x and confidence > fp32(edit_threshold); it takes no part in
+  //                  the selection
+  //   editable       [B, L] bool, the positions that may be edited, or None: every committed
+  //                  position (read only with edit_threshold)
+  // Returns x_new [B, L] int64 and transfer [B, L] bool (the positions written: committed
+  // candidates, and edited positions, told apart by x != mask_id).
   // remask_step_triton has the same schema; its kernel is registered from Python.
 #define REMASK_STEP_SCHEMA                                                                    \
   "(Tensor logits, Tensor? uncond_logits, float cfg_scale, Tensor x, Tensor num_transfer, "   \
   "Tensor block_end, int mask_id, float temperature, str remasking, float? threshold, "       \
-  "int[] suppress_ids, int[] zero_confidence_ids, Tensor? seed) -> (Tensor x_new, Tensor transfer)"
+  "int[] suppress_ids, int[] zero_confidence_ids, Tensor? seed, float? edit_threshold=None, " \
+  "Tensor? editable=None) -> (Tensor x_new, Tensor transfer)"
   m.def("remask_step" REMASK_STEP_SCHEMA);
   m.def("remask_step_triton" REMASK_STEP_SCHEMA);
 #undef REMASK_STEP_SCHEMA

@@ -29,7 +29,8 @@ same tokens as diffusers' LLaDA2Pipeline):
     the steps, so with steps <= block_length every step commits at least one token
     (LLaDA2's rule); threshold=None (or > 1) is plain low-confidence top-k;
   * editing (LLaDA2.1, editing_threshold): a committed, non-prompt position of the block is
-    replaced by x0 when x0 differs and its confidence > editing_threshold. Once the block has
+    replaced by x0 when x0 differs and its confidence > editing_threshold (remask_step's
+    edit_threshold, in the step's one pass over the logits). Once the block has
     no mask left, steps continue while some position was edited, at most max_post_steps.
 
 Uniform corruption (corruption="uniform", DiffusionGemma's mode of diffusers'
@@ -177,12 +178,14 @@ def block_generate(model, prompt, attention_mask=None, *, gen_length=2048, block
                 post += not left
                 logits = runner.logits(xa, ama, s, e)                             # [B', b, V]
                 k = schedule[min(step, steps - 1)] if left else 0
-                new, _ = remask_step(logits, block, k, mask_id=mask_id, temperature=temperature,
-                                     threshold=strict, generator=generator, backend=backend)
-                edited = torch.zeros_like(block, dtype=torch.bool)
-                if editing:
-                    new, edited = _edit(logits, block, new, editable & (block != mask_id),
-                                        editing_threshold, temperature, generator)
+                # LLaDA2.1's editing in the same pass: committed, non-prompt positions whose
+                # x0 differs with confidence > editing_threshold (remask_step's edit rule).
+                edit = dict(edit_threshold=editing_threshold,
+                            editable=editable.expand_as(block)) if editing else {}
+                new, transfer = remask_step(logits, block, k, mask_id=mask_id,
+                                            temperature=temperature, threshold=strict,
+                                            generator=generator, backend=backend, **edit)
+                edited = transfer & (block != mask_id)
                 xa[:, s:e] = torch.where(done_a[:, None], block, new)
                 calls += 1
                 step += left
@@ -215,25 +218,6 @@ def block_generate(model, prompt, attention_mask=None, *, gen_length=2048, block
             x[:, Lp:] = _after_eos(x[:, Lp:], eos_id)
     x = x.clone()  # an ordinary tensor, not an inference tensor
     return (x, stats) if return_stats else x
-
-
-def _edit(logits, block, new, editable, editing_threshold, temperature, generator):
-    """LLaDA2.1's editing: at `editable` positions [B', b], replace the token by x0 when x0
-    differs and its confidence > editing_threshold. Returns (new tokens, edited [B', b] bool).
-
-    PYTHON FALLBACK, on top of remask_step's outputs: a second pass over the block's logits.
-    The rule belongs in remask_step (a remasking rule over committed positions, one pass over
-    the logits); its kernels were being reworked (the non-finite contract) when this was
-    written, so the op change waits for that."""
-    l = logits.float()
-    if temperature > 0:
-        u = torch.rand(l.shape, dtype=torch.float64, device=l.device, generator=generator)
-        x0 = (l.double() - temperature * torch.log(-torch.log(u))).argmax(-1)
-    else:
-        x0 = l.argmax(-1)
-    conf = torch.softmax(l, -1).gather(-1, x0[..., None])[..., 0]
-    edited = editable & (x0 != block) & (conf > editing_threshold)
-    return torch.where(edited, x0, new), edited
 
 
 def _finished(gen, mask_id, eos_id):

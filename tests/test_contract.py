@@ -177,6 +177,37 @@ def test_remask_choice_when_sampling(device, backend, remasking, case):
         assert got == want_x0 if want_x0 is not None else got in allowed, (seed, got)
 
 
+@pytest.mark.parametrize("device, backend", BACKENDS)
+@pytest.mark.parametrize("case", list(REMASK_TABLE))
+def test_remask_editing(device, backend, case):
+    """Token editing (edit_threshold) at a committed position reads the same x0 and confidence
+    as a candidate: edited iff x0 differs from its token and the confidence c > threshold, so
+    at c - tol it is, at c + tol it is not, and a row whose confidence is 0 (undefined) never
+    is, even at threshold 0; a token equal to x0 never is."""
+    row, suppress, zero, want_x0, uncond = REMASK_TABLE[case]
+    l = contract_logits(row, uncond)
+    if want_x0 is None:
+        allowed = contract_x0_allowed(l, suppress)
+        want_x0 = max(allowed, key=lambda v: (float(l[v]), -v))
+    c = contract_confidence(l, want_x0, "low_confidence", suppress, zero)
+    tol = max(c * 1e-5, 1e-30)
+    other = next(v for v in (want_x0 + 1, want_x0 + 2, want_x0 + 3) if v % 8 != 7) % 8
+    logits = torch.tensor([[row, row]], dtype=torch.float32, device=device)
+    cfg = {}
+    if uncond is not None:
+        cfg = dict(uncond_logits=torch.tensor([[uncond[0]] * 2], dtype=torch.float32, device=device),
+                   cfg_scale=uncond[1])
+    x = torch.tensor([[other, want_x0]], device=device)  # x0 differs; x0 is the token
+    name, context = on(backend)
+    for t, edited in (((c - tol, True), (c + tol, False)) if c > 0 else ((0.0, False),)):
+        with context:
+            x_new, transfer = remask_step(logits, x, 0, mask_id=7, suppress_ids=suppress,
+                                          zero_confidence_ids=zero, edit_threshold=t,
+                                          backend=name, **cfg)
+        assert transfer.tolist() == [[edited, False]], (t, c)
+        assert x_new.tolist() == [[want_x0 if edited else other, want_x0]]
+
+
 # Rows for the ordering test: the confidence of a non-finite row is 0, ranked with every other
 # 0 by position, below every positive confidence, above every negative one (entropy).
 ONE_HOT = [-INF] * 8

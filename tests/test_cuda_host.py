@@ -18,6 +18,7 @@ import test_attention_lse as lse_test
 import test_attention_masks as am
 import test_bidirectional_attention as attn
 import test_masked_diffusion_loss as loss
+import test_remask_edit as edit
 import test_remask_noise as noise
 import test_remask_step as remask
 from cuda_emu import EmulatedCuda, emu_lib, run  # noqa: F401  (emu_lib: the session's build)
@@ -111,6 +112,49 @@ def test_remask_step_sampling_is_exact(dtype):
                                          mode="low_confidence", seed=1234))[0]
         noisy = logits.reshape(B * L, V) + (torch.tensor(T, dtype=torch.float32) * g)
         assert torch.equal(x0.flatten(), noisy.argmax(-1))
+
+
+@pytest.mark.parametrize("case", list(edit.EDIT_CASES))
+def test_remask_step_editing(case):
+    """Token editing (tests/test_remask_edit.py's cases: odd shapes, every dtype, CFG, special
+    ids, editable=None) against the reference."""
+    with EmulatedCuda() as emu:
+        edit.test_backend_edits_as_the_reference("cpu", case)
+    assert emu.calls["remask_step"] >= 1
+
+
+def test_remask_step_editing_rules():
+    """Editing past block_end with strided inputs, the strict threshold at exact boundaries,
+    masked and unchanged positions never edited, and at T > 0 each position's own noise."""
+    with EmulatedCuda() as emu:
+        edit.test_threshold_block_end_and_strided_inputs("cpu")
+        edit.test_the_edit_threshold_is_strict("cpu")
+        edit.test_masked_positions_and_unchanged_tokens_are_never_edited("cpu")
+        edit.test_sampling_edits_with_the_positions_own_noise("cpu", 0.6)
+    assert emu.calls["remask_step"] >= 10
+
+
+def test_remask_step_editing_draws_match_the_cpu_kernel():
+    """One seed, CFG, a threshold, special ids and editing at T > 0: the CUDA kernel edits the
+    positions the C++ CPU kernel edits, with the same tokens."""
+    logits, x = remask.make_inputs(2, 33, 300, masked=0.3, seed=8, scale=1.0)
+    uncond = remask.make_inputs(2, 33, 300, seed=9, scale=1.0)[0]
+    editable = torch.rand(2, 33, generator=torch.Generator().manual_seed(2)) < 0.6
+    args = _op_args(logits, x, torch.tensor([3, 40]), temperature=0.7, mode="low_confidence",
+                    seed=1234567, uncond=uncond, cfg_scale=0.5, threshold=0.5, suppress=(3,),
+                    zero=(5, 6))
+    for kw in (dict(edit_threshold=0.02, editable=editable), dict(edit_threshold=0.02)):
+        want = torch.ops.llada.remask_step(*args, **kw)
+        got = run("remask_step", args, kw)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+        assert (want[1] & (x != remask.MASK)).any()
+
+
+def test_remask_step_editing_refused_with_another_mode():
+    logits, x = remask.make_inputs(2, 6, 20, seed=1)
+    args = _op_args(logits, x, torch.tensor([2, 1]), temperature=0.0, mode="margin", seed=1)
+    with pytest.raises(RuntimeError, match="edit_threshold needs remasking='low_confidence'"):
+        run("remask_step", args, dict(edit_threshold=0.2))
 
 
 def test_gumbel_from_bits_matches_the_cpu_kernel():

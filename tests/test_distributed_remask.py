@@ -205,9 +205,10 @@ def test_noise_keyed_by_local_ids_fails_the_check(backend):
 
 # ---- the op over gloo ----------------------------------------------------------------------------
 
-def check_op(ctx, backend, splits, mode, temperature, threshold):
+def check_op(ctx, backend, splits, mode, temperature, threshold, edit=False):
     """One rank: the public op on its shard, against the single-device op on the whole
-    vocabulary with the same generator state; returns its result to compare across ranks."""
+    vocabulary with the same generator state; returns its result to compare across ranks.
+    edit: with token editing (edit_threshold, an editable mask), which must edit something."""
     group = ctx.pair if len(splits) == 2 else dist.group.WORLD
     if group is None:
         return None
@@ -218,30 +219,40 @@ def check_op(ctx, backend, splits, mode, temperature, threshold):
                                      threshold=threshold)
     kw = dict(mask_id=MASK, temperature=temperature, remasking=mode, threshold=threshold, cfg_scale=0.5,
               suppress_ids=(4, 20), zero_confidence_ids=(30,), backend=backend)
+    if edit:
+        editable = torch.arange(L) % 4 != 1
+        kw.update(edit_threshold=0.3, editable=editable.expand(B, L))
     g = torch.Generator().manual_seed(11)
     got = remask_step(logits[..., lo:hi], x, k, uncond_logits=cfg["uncond_logits"][..., lo:hi],
                       generator=g, group=group, vocab_offset=lo, **kw)
     g = torch.Generator().manual_seed(11)
     want = remask_step(logits, x, k, uncond_logits=cfg["uncond_logits"], generator=g, **kw)
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    assert not edit or (got[1] & (x != MASK)).any()
     return got[0].tolist(), got[1].tolist()
 
 
-@pytest.mark.parametrize("backend, splits, mode, temperature, threshold", [
-    ("cpu", PAIR, "low_confidence", 0.0, None),
-    ("cpu", PAIR, "entropy", 0.7, 0.2),
-    ("cpu", ODD, "margin", 0.7, None),
-    ("reference", ODD, "random", 0.7, None),
-    ("reference", PAIR, "low_confidence", 1.0, 0.3),
+@pytest.mark.parametrize("backend, splits, mode, temperature, threshold, edit", [
+    ("cpu", PAIR, "low_confidence", 0.0, None, False),
+    ("cpu", ODD, "low_confidence", 0.0, 0.3, True),
+    ("cpu", PAIR, "low_confidence", 0.7, None, True),
+    ("reference", ODD, "low_confidence", 0.7, None, True),
+    ("cpu", PAIR, "entropy", 0.7, 0.2, False),
+    ("cpu", ODD, "margin", 0.7, None, False),
+    ("reference", ODD, "random", 0.7, None, False),
+    ("reference", PAIR, "low_confidence", 1.0, 0.3, False),
 ], ids=lambda v: str(v) if not isinstance(v, list) else f"{len(v)}_ranks")
-def test_op(pool, backend, splits, mode, temperature, threshold):
-    results = [r for r in pool.run(check_op, backend, splits, mode, temperature, threshold) if r is not None]
+def test_op(pool, backend, splits, mode, temperature, threshold, edit):
+    """With editing too: the editable positions are scored in the stats pass and edited by the
+    merged choice and confidence, as the single-device step edits them."""
+    results = [r for r in pool.run(check_op, backend, splits, mode, temperature, threshold, edit)
+               if r is not None]
     assert len(results) == len(splits) and all(r == results[0] for r in results)
 
 
 @pytest.mark.triton
 def test_op_triton(pool):
-    pool.run(check_op, "triton", PAIR, "low_confidence", 0.7, 0.3)
+    pool.run(check_op, "triton", PAIR, "low_confidence", 0.7, 0.3, True)
 
 
 def check_bad_input(ctx):

@@ -17,6 +17,11 @@
 //   with a threshold t: bound = min(bound, ordered(fp32(t)) << 31), i.e. every candidate
 //   with confidence >= t is committed as well.
 //   transfer[b, l] = key >= 0 && key >= bound;  x_new = transfer ? x0 : x.
+// Token editing (edit_threshold): an editable position holding a committed token (x !=
+// mask_id) is scored like a candidate (x0, confidence, noise keyed by its r) and gets
+//   key = kEdited  if x0 != x and confidence > fp32(edit_threshold)   (strictly)
+//       = kNoCandidate otherwise;
+// it takes no part in the bound, and transfer = key >= 0 && key >= bound || key == kEdited.
 // A confidence of -0 is keyed as +0 (ordered() would put it below a threshold of 0, where the
 // reference's >= commits it), and a NaN confidence scores 0.
 //
@@ -70,6 +75,7 @@ inline Remasking parse_remasking(c10::string_view name) {
 }
 
 constexpr int64_t kNoCandidate = -1;
+constexpr int64_t kEdited = -2;
 constexpr int64_t kCommitNone = INT64_MAX;
 
 }  // namespace llada

@@ -21,6 +21,9 @@
 //              random          remask_uniform(seed, r)
 //              A row without a finite m (all -inf, or a +inf/NaN confidence logit) scores 0,
 //              as the reference's nan_to_num does (common/remask.h states the contract).
+// Editing      with edit_threshold, an editable position holding a committed token is scored
+//              the same way, in the same parallel pass, and takes x0 iff x0 != x and
+//              confidence > fp32(edit_threshold) (common/remask.h); it is not selected.
 // Both come from a position's statistics (ShardStats: the choice x0 and its value y, m, S and
 // one more number per mode), which remask_step_stats returns for a shard of the vocabulary
 // (ids [off, off + V), every id global: the noise of id v is keyed by v) and remask_step turns
@@ -435,7 +438,7 @@ float confidence(const ShardStats& st, Remasking mode) {
   return std::isnan(c) ? 0.f : c + 0.f;
 }
 
-// Calls emit(i, r, stats) for candidates [begin, end) (cand[i] = r = b * L + l).
+// Calls emit(i, r, stats) for positions [begin, end) (cand[i] = r = b * L + l).
 template <typename T, bool kCfg, class Emit>
 void score_candidates(const at::Tensor& logits, const at::Tensor* uncond, const Params& p,
                       const int64_t* cand, int64_t begin, int64_t end, const Emit& emit) {
@@ -542,7 +545,22 @@ void candidates(const at::Tensor& x, const at::Tensor& block_end, int64_t mask_i
   }
 }
 
-// emit(i, r, stats) for every candidate, in parallel, at least about 16 K logits per task.
+// The positions token editing may change: editable (all if undefined) and x != mask_id,
+// appended to `out` as r = b * L + l.
+void edit_positions(const at::Tensor& x, const at::Tensor* editable, int64_t mask_id,
+                    std::vector<int64_t>& out) {
+  const int64_t B = x.size(0), L = x.size(1);
+  const int64_t* xs = x.const_data_ptr<int64_t>();
+  const bool* ed = editable ? editable->const_data_ptr<bool>() : nullptr;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t l = 0; l < L; ++l) {
+      const bool may = !ed || ed[b * editable->stride(0) + l * editable->stride(1)];
+      if (may && xs[b * x.stride(0) + l * x.stride(1)] != mask_id) out.push_back(b * L + l);
+    }
+  }
+}
+
+// emit(i, r, stats) for every position in cand, in parallel, at least about 16 K logits per task.
 template <class Emit>
 void score_all(const at::Tensor& logits, const at::Tensor* uncond, const Params& p,
                const std::vector<int64_t>& cand, const Emit& emit) {
@@ -576,21 +594,41 @@ std::tuple<at::Tensor, at::Tensor> remask_step_cpu(
     const at::Tensor& x, const at::Tensor& num_transfer, const at::Tensor& block_end,
     int64_t mask_id, double temperature, c10::string_view remasking,
     std::optional<double> threshold, at::IntArrayRef suppress_ids,
-    at::IntArrayRef zero_confidence_ids, const std::optional<at::Tensor>& seed) {
+    at::IntArrayRef zero_confidence_ids, const std::optional<at::Tensor>& seed,
+    std::optional<double> edit_threshold, const std::optional<at::Tensor>& editable) {
   const at::Tensor* uncond = uncond_logits.has_value() ? &*uncond_logits : nullptr;
   const Params p = setup(logits, uncond, cfg_scale, x, block_end, temperature, remasking,
                          suppress_ids, zero_confidence_ids, seed, 0, false);
   const int64_t B = x.size(0), L = x.size(1);
+  TORCH_CHECK(!edit_threshold || p.mode == Remasking::LowConfidence,  // one string: test_cpu_isa
+              "remask_step: edit_threshold needs remasking='low_confidence'");
+  if (editable) {
+    TORCH_CHECK(editable->scalar_type() == at::kBool && editable->sizes() == x.sizes(),
+                "remask_step: editable must be bool [B, L] = [", B, ", ", L, "]; got ",
+                editable->scalar_type(), " ", editable->sizes());
+  }
   TORCH_CHECK(num_transfer.scalar_type() == at::kLong && num_transfer.dim() == 1 &&
                   num_transfer.size(0) == B && num_transfer.is_contiguous(),
               "remask_step: num_transfer must be a contiguous int64 [B] = [", B, "] tensor; got ",
               num_transfer.scalar_type(), " ", num_transfer.sizes());
   std::vector<int64_t> cand, row_start;
   candidates(x, block_end, mask_id, cand, row_start);
+  // Editing: the positions it may change follow the candidates in `cand`, scored in the same
+  // pass; key[i] says whether position i is edited (kEdited) or not (kNoCandidate).
+  const int64_t n_cand = static_cast<int64_t>(cand.size());
+  if (edit_threshold) edit_positions(x, editable ? &*editable : nullptr, mask_id, cand);
+  const float edit_t = edit_threshold ? static_cast<float>(*edit_threshold) : 0.f;
+  const int64_t* xs = x.const_data_ptr<int64_t>();
   std::vector<int64_t> x0(cand.size()), key(cand.size());
   score_all(logits, uncond, p, cand, [&](int64_t i, int64_t r, const ShardStats& st) {
     x0[i] = st.x0;
-    key[i] = selection_key(confidence(st, p.mode), r % p.L);
+    const float conf = confidence(st, p.mode);
+    if (i < n_cand) {
+      key[i] = selection_key(conf, r % p.L);
+    } else {
+      const int64_t token = xs[r / p.L * x.stride(0) + r % p.L * x.stride(1)];
+      key[i] = st.x0 != token && conf > edit_t ? kEdited : kNoCandidate;
+    }
   });
 
   // Select and write, row by row (common/remask.h).
@@ -627,6 +665,12 @@ std::tuple<at::Tensor, at::Tensor> remask_step_cpu(
       }
     }
   });
+  for (int64_t i = n_cand; i < static_cast<int64_t>(cand.size()); ++i) {
+    if (key[i] == kEdited) {
+      out[cand[i]] = x0[i];
+      written[cand[i]] = true;
+    }
+  }
   return {x_new, transfer};
 }
 

@@ -6,10 +6,12 @@
 // kernels is common/random.h (noise) and common/remask.h (selection keys). Two launches:
 //
 //   score   grid B*L, one block per position r = b*L + l. A candidate (x == mask_id and
-//           l < block_end[b]) reads its V logits once and writes x0[r] and key[r]; any other
+//           l < block_end[b]) reads its V logits once and writes x0[r] and key[r]; with
+//           editing, so does an editable position holding a committed token (x != mask_id),
+//           whose key is kEdited (x0 != x and confidence > edit_threshold) or -1; any other
 //           position writes key[r] = -1 and leaves.
 //   select  grid B, one block per row: the k = num_transfer[b] largest keys by bisection, the
-//           threshold, then x_new and transfer for the whole row.
+//           threshold, then x_new and transfer for the whole row (edited positions too).
 //
 // Score, in one pass over the row (ids v in [0, V), all in fp32):
 //   l_v  = logits, or un + (s + 1) * (c - un) with classifier-free guidance;
@@ -88,9 +90,13 @@ struct ScoreParams {
   int64_t x_stride_b, x_stride_l;
   const int64_t* block_end;  // [B]
   const int64_t* seed;       // [1], read only when noise or random remasking needs it
-  int64_t* x0;               // [B * L] out, written at candidates
+  int64_t* x0;               // [B * L] out, written at candidates (and edited positions)
   int64_t* key;              // [B * L] out, or nullptr in stats mode
   float* stats;              // [B * L, 4] out in stats mode, else nullptr
+  const bool* editable;      // [B, L] or nullptr (every committed position), with editing
+  int64_t editable_stride_b, editable_stride_l;
+  bool editing;              // edit_threshold given (never in stats mode)
+  float edit_threshold;      // fp32(edit_threshold)
   int64_t B, L, mask_id;
   int V;
   int vocab_offset;          // the global id of column 0 (0 but for a shard)
@@ -259,9 +265,16 @@ __global__ void __launch_bounds__(kScoreThreads, 1) score_kernel(const ScorePara
 
   for (int64_t r = blockIdx.x; r < p.B * p.L; r += gridDim.x) {  // block-uniform loop
     const int64_t b = r / p.L, l = r % p.L;
-    if (p.x[b * p.x_stride_b + l * p.x_stride_l] != p.mask_id || l >= p.block_end[b]) {
-      if (tid == 0 && p.key) p.key[r] = kNoCandidate;
-      continue;
+    const int64_t token = p.x[b * p.x_stride_b + l * p.x_stride_l];
+    if (token != p.mask_id || l >= p.block_end[b]) {  // not a candidate: scored if edited
+      // Editing is low_confidence's only (the op refuses it with other modes).
+      const bool to_edit =
+          kMode == Remasking::LowConfidence && p.editing && token != p.mask_id &&
+          (!p.editable || p.editable[b * p.editable_stride_b + l * p.editable_stride_l]);
+      if (!to_edit) {
+        if (tid == 0 && p.key) p.key[r] = kNoCandidate;
+        continue;
+      }
     }
     const uint64_t seed =
         (kNoise || kMode == Remasking::Random) ? static_cast<uint64_t>(*p.seed) : 0;
@@ -343,6 +356,13 @@ __global__ void __launch_bounds__(kScoreThreads, 1) score_kernel(const ScorePara
       }
       conf = conf != conf ? 0.f : conf + 0.f;  // NaN -> 0 (nan_to_num), -0 -> +0
       p.key[r] = selection_key(conf, l);
+      if constexpr (kMode == Remasking::LowConfidence) {
+        // An editable position: edited or not (common/remask.h). The token is read again
+        // rather than kept live through the pass (registers).
+        const int64_t tok = p.x[b * p.x_stride_b + l * p.x_stride_l];
+        if (tok != p.mask_id)
+          p.key[r] = p.x0[r] != tok && conf > p.edit_threshold ? kEdited : kNoCandidate;
+      }
       }
     }
   }
@@ -414,8 +434,8 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectPara
     if (p.has_threshold) bound = min(bound, p.threshold_key);
 
     for (int l = threadIdx.x; l < p.L; l += kSelectThreads) {
-      const int64_t key = l < end ? keys[l] : kNoCandidate;
-      const bool take = key >= 0 && key >= bound;
+      const int64_t key = keys[l];  // -1 past block_end, unless edited (kEdited)
+      const bool take = (key >= 0 && key >= bound) || key == kEdited;
       const int64_t r = b * p.L + l;
       p.x_new[r] = take ? p.x0[r] : p.x[b * p.x_stride_b + l * p.x_stride_l];
       p.transfer[r] = take;
@@ -532,7 +552,9 @@ void launch_score(const at::Tensor& logits, const std::optional<at::Tensor>& unc
                   int64_t mask_id, double temperature, Remasking mode,
                   at::IntArrayRef suppress_ids, at::IntArrayRef zero_confidence_ids,
                   const std::optional<at::Tensor>& seed, int64_t vocab_offset, int64_t* x0,
-                  int64_t* key, float* stats) {
+                  int64_t* key, float* stats,
+                  std::optional<double> edit_threshold = std::nullopt,
+                  const std::optional<at::Tensor>& editable = std::nullopt) {
   const int64_t B = logits.size(0), L = logits.size(1), V = logits.size(2);
   TORCH_CHECK(vocab_offset >= 0 && vocab_offset + V < (int64_t{1} << 31),
               "remask_step: need 0 <= vocab_offset and vocab_offset + V < 2^31; got ",
@@ -559,6 +581,13 @@ void launch_score(const at::Tensor& logits, const std::optional<at::Tensor>& unc
     p.x0 = x0;
     p.key = key;
     p.stats = stats;
+    p.editing = edit_threshold.has_value();
+    p.edit_threshold = p.editing ? static_cast<float>(*edit_threshold) : 0.f;
+    if (editable) {
+      p.editable = editable->const_data_ptr<bool>();
+      p.editable_stride_b = editable->stride(0);
+      p.editable_stride_l = editable->stride(1);
+    }
     p.B = B;
     p.L = L;
     p.mask_id = mask_id;
@@ -586,10 +615,20 @@ std::tuple<at::Tensor, at::Tensor> remask_step_cuda(
     const at::Tensor& x, const at::Tensor& num_transfer, const at::Tensor& block_end,
     int64_t mask_id, double temperature, c10::string_view remasking,
     std::optional<double> threshold, at::IntArrayRef suppress_ids,
-    at::IntArrayRef zero_confidence_ids, const std::optional<at::Tensor>& seed) {
+    at::IntArrayRef zero_confidence_ids, const std::optional<at::Tensor>& seed,
+    std::optional<double> edit_threshold, const std::optional<at::Tensor>& editable) {
   const Remasking mode = parse_remasking(remasking);
   check_inputs(logits, uncond_logits, x, &num_transfer, block_end, seed,
                temperature > 0 || mode == Remasking::Random);
+  TORCH_CHECK(!edit_threshold || mode == Remasking::LowConfidence,
+              "remask_step: edit_threshold needs remasking='low_confidence'; got '", remasking,
+              "'");
+  if (editable) {
+    TORCH_CHECK(editable->scalar_type() == at::kBool && editable->sizes() == x.sizes() &&
+                    editable->device() == x.device(),
+                "remask_step: editable must be bool [B, L] on the logits' device; got ",
+                editable->scalar_type(), " ", editable->sizes());
+  }
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t B = logits.size(0), L = logits.size(1);
   auto x_new = at::empty({B, L}, x.options());
@@ -600,7 +639,7 @@ std::tuple<at::Tensor, at::Tensor> remask_step_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   launch_score(logits, uncond_logits, cfg_scale, x, block_end, mask_id, temperature, mode,
                suppress_ids, zero_confidence_ids, seed, 0, x0.mutable_data_ptr<int64_t>(),
-               key.mutable_data_ptr<int64_t>(), nullptr);
+               key.mutable_data_ptr<int64_t>(), nullptr, edit_threshold, editable);
 
   SelectParams q{};
   q.key = key.const_data_ptr<int64_t>();

@@ -18,6 +18,10 @@ every rank, in the same order:
     is NaN; then the selection of llada_kernels/reference/remask.py (k per row by confidence,
     ties by position, the threshold).
 
+Token editing (edit_threshold): the positions it may change are scored in the same stats pass
+as the candidates (the kernels are asked for the statistics of candidates | editable, with
+block_end = L), and each is edited by the reference's rule on the merged choice and confidence.
+
 The noise of id v is keyed by (seed, position, v), so the choice is exactly the single-process
 kernel's when every rank draws the same seed (the same generator state: the op draws the seed
 from `generator` on every rank). The confidences are sums in another order: equal to the
@@ -39,7 +43,7 @@ NEG_INF = float("-inf")
 
 def remask_step(logits, x, num_transfer, block_end, *, mask_id, temperature, remasking,
                 threshold, uncond_logits, cfg_scale, suppress_ids, zero_confidence_ids,
-                generator, backend, group, offset, op):
+                generator, backend, group, offset, op, edit_threshold=None, editable=None):
     """llada_kernels.remask_step on a shard (arguments checked there, but for the ids, which
     are checked here against the whole vocabulary: that takes the layout's collective)."""
     B, L, V = logits.shape
@@ -53,8 +57,14 @@ def remask_step(logits, x, num_transfer, block_end, *, mask_id, temperature, rem
             _checks.fail(op, f"suppress_ids covers the whole vocabulary (V={total}); nothing can be chosen")
     args = dict(mask_id=mask_id, temperature=temperature, remasking=remasking,
                 suppress_ids=suppress_ids, zero_confidence_ids=zero_confidence_ids)
+    candidates = (x == mask_id) & (torch.arange(L, device=x.device) < block_end[:, None])
+    scored, scored_end = x, block_end
+    if edit_threshold is not None:  # score candidates and editable committed positions alike
+        to_edit = (x != mask_id) if editable is None else (x != mask_id) & editable
+        scored = torch.where(candidates | to_edit, mask_id, -1)  # -1: no id, never mask_id
+        scored_end = torch.full_like(block_end, L)
     if backend == "reference":
-        stats, x0 = reference.shard_stats(logits, x, block_end, uncond_logits=uncond_logits,
+        stats, x0 = reference.shard_stats(logits, scored, scored_end, uncond_logits=uncond_logits,
                                           cfg_scale=cfg_scale, generator=generator,
                                           vocab_offset=offset, vocab_size=total, **args)
     else:
@@ -64,15 +74,18 @@ def remask_step(logits, x, num_transfer, block_end, *, mask_id, temperature, rem
                                  generator=generator)
         stats_op = (torch.ops.llada.remask_step_stats_triton if backend == "triton"
                     else torch.ops.llada.remask_step_stats)
-        stats, x0 = stats_op(_checks.unit_stride(logits), None if uncond_logits is None else
-                             _checks.unit_stride(uncond_logits), cfg_scale, x, block_end, mask_id,
-                             temperature, remasking, suppress_ids, zero_confidence_ids, seed, offset)
+        un = None if uncond_logits is None else _checks.unit_stride(uncond_logits)
+        stats, x0 = stats_op(_checks.unit_stride(logits), un, cfg_scale, scored, scored_end,
+                             mask_id, temperature, remasking, suppress_ids, zero_confidence_ids,
+                             seed, offset)
     packed = _exchange.pack(stats.reshape(B * L, 4), x0.reshape(B * L, 1))
     gathered_stats, gathered_x0 = _exchange.unpack(_exchange.all_gather(packed, group),
                                                    (stats.dtype, 4), (torch.int64, 1))
     choice, conf = merge(gathered_stats, gathered_x0[..., 0], remasking)
-    candidates = (x == mask_id) & (torch.arange(L, device=x.device) < block_end[:, None])
     transfer = reference.select(conf.view(B, L), candidates, num_transfer, threshold)
+    if edit_threshold is not None:
+        transfer = transfer | reference.edits(choice.view(B, L), conf.view(B, L), x, mask_id,
+                                              edit_threshold, editable)
     return torch.where(transfer, choice.view(B, L), x), transfer
 
 

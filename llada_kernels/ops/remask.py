@@ -31,6 +31,8 @@ def remask_step(
     cfg_scale: float = 0.0,
     suppress_ids: Sequence[int] = (),
     zero_confidence_ids: Sequence[int] = (),
+    edit_threshold: float | None = None,
+    editable: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     backend: str | None = None,
     group=None,
@@ -40,6 +42,8 @@ def remask_step(
 
     For every candidate position (x == mask_id and position < block_end) it chooses a token x0
     and a confidence, then commits the num_transfer[b] most confident candidates of row b.
+    With edit_threshold (LLaDA2.1's token editing), editable positions that hold a committed
+    token are scored in the same pass and take x0 when it differs with confidence above it.
 
     Args:
         logits: [B, L, V] float32, bfloat16 or float16. Rows may be strided; the vocabulary
@@ -68,6 +72,20 @@ def remask_step(
         zero_confidence_ids: ids whose logits count as -inf in the confidence softmax, after
             x0 is chosen (LLaDA's confidence_eos_eot_inf: pass (EOS, EoT) at temperature 0;
             at temperature > 0 the reference removes only EoT).
+        edit_threshold: None (no editing) or a real number >= 0 (not NaN): LLaDA2.1's token
+            editing (diffusers' BlockRefinementScheduler, editing_threshold). An editable
+            position holding a committed token (x != mask_id; block_end does not apply) gets
+            x0 and its confidence by the same rules as a candidate, with its own noise (the
+            same CFG, suppress_ids, zero_confidence_ids and non-finite contract), and is
+            replaced by x0 iff x0 != x and confidence > edit_threshold, strictly, in fp32.
+            Edited positions take no part in the selection of candidates (num_transfer and
+            threshold count candidates only). A confidence of 0, as non-finite rows score,
+            is never above it; above 1 nothing is edited. remasking must be
+            "low_confidence" (the rule compares p(x0)).
+        editable: [B, L] bool on the logits' device, the positions editing may change (e.g.
+            not the prompt); masked positions in it are candidates as usual, never edited.
+            None: every committed position (as diffusers without a prompt_mask). Only with
+            edit_threshold.
         generator: torch.Generator on the logits' device, for temperature > 0 and "random".
             Under torch.compile it must be None (compiled code cannot take a generator): the
             draws then come from the global RNG, seeded by torch.manual_seed.
@@ -81,11 +99,13 @@ def remask_step(
             statistics mode, the ranks all-gather 24 bytes per position (never logits), and
             every rank merges them into the same (x_new, transfer): x0 exactly the
             single-process choice at every temperature (the noise is keyed by the global id),
-            confidences equal to fp32 rounding.
+            confidences equal to fp32 rounding. Editing works there too (the editable
+            positions are scored with the candidates).
 
     Returns:
-        x_new: [B, L] int64, x with the committed positions set to x0.
-        transfer: [B, L] bool, the committed positions.
+        x_new: [B, L] int64, x with the committed and edited positions set to x0.
+        transfer: [B, L] bool, the committed candidates and the edited positions (edited ones
+            are those where x != mask_id).
 
     Ties: confidences are compared in fp32, and equal confidences commit the lower position
     first, on every backend. At temperature 0, a row whose argmax is tied takes the lowest id.
@@ -107,7 +127,9 @@ def remask_step(
         TypeError, ValueError: naming the argument, before any backend runs: tensors' dtypes,
         shapes and devices; mask_id an int in [0, V); num_transfer and block_end ints in
         [0, 2^63) or [B] integer tensors; temperature (>= 0) and cfg_scale real and finite in
-        fp32; threshold real; the ids iterables of ints in [0, V); generator a torch.Generator.
+        fp32; threshold real; the ids iterables of ints in [0, V); generator a torch.Generator;
+        edit_threshold real >= 0 with remasking="low_confidence"; editable a [B, L] bool tensor
+        on the logits' device, given only with edit_threshold.
     """
     vocab_offset = _exchange.check_args(OP, group, vocab_offset)
     B, L, V = _check(logits, x, uncond_logits, remasking)
@@ -119,6 +141,7 @@ def remask_step(
     cfg_scale = _checks.check_real(OP, "cfg_scale", cfg_scale, f32=True)
     if threshold is not None:
         threshold = _checks.check_real(OP, "threshold", threshold, finite=False)
+    edit_threshold = _check_editing(edit_threshold, editable, remasking, B, L, device)
     _checks.check_generator(OP, "generator", generator, device, "logits")
     if generator is not None and torch.compiler.is_compiling():
         _checks.fail(OP, "generator must be None under torch.compile, which cannot trace a "
@@ -143,13 +166,14 @@ def remask_step(
             logits, x, k, end, mask_id=mask_id, temperature=temperature, remasking=remasking,
             threshold=threshold, uncond_logits=uncond_logits, cfg_scale=cfg_scale,
             suppress_ids=suppress, zero_confidence_ids=zero_conf, generator=generator,
-            backend=name, group=group, offset=vocab_offset, op=OP)
+            edit_threshold=edit_threshold, editable=editable, backend=name, group=group,
+            offset=vocab_offset, op=OP)
     if name == "reference":
         return reference.remask_step(
             logits, x, k, mask_id=mask_id, block_end=end, temperature=temperature,
             remasking=remasking, threshold=threshold, uncond_logits=uncond_logits,
             cfg_scale=cfg_scale, suppress_ids=suppress, zero_confidence_ids=zero_conf,
-            generator=generator)
+            generator=generator, edit_threshold=edit_threshold, editable=editable)
 
     seed = None
     if temperature > 0 or remasking == "random":
@@ -158,7 +182,27 @@ def remask_step(
         seed = torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64, device=device, generator=generator)
     op = torch.ops.llada.remask_step_triton if name == "triton" else torch.ops.llada.remask_step
     return op(_checks.unit_stride(logits), None if uncond_logits is None else _checks.unit_stride(uncond_logits),
-              cfg_scale, x, k, end, mask_id, temperature, remasking, threshold, suppress, zero_conf, seed)
+              cfg_scale, x, k, end, mask_id, temperature, remasking, threshold, suppress, zero_conf, seed,
+              edit_threshold, editable)
+
+
+def _check_editing(edit_threshold, editable, remasking, B, L, device):
+    """edit_threshold None or real >= 0 (not NaN) with low_confidence remasking; editable None
+    or a [B, L] bool tensor on `device`, only with edit_threshold. Returns edit_threshold."""
+    if editable is not None:
+        if edit_threshold is None:
+            _checks.fail(OP, "editable needs edit_threshold: it says which positions token "
+                             "editing may change, and editing is off without a threshold")
+        _checks.check_tensor(OP, "editable", editable, dtypes=(torch.bool,), ndim=2)
+        _checks.check_shape(OP, "editable", editable, (B, L))
+        _checks.check_device(OP, "editable", editable, device, "logits")
+    if edit_threshold is None:
+        return None
+    edit_threshold = _checks.check_real(OP, "edit_threshold", edit_threshold, finite=False, lo=0.0)
+    if remasking != "low_confidence":
+        _checks.fail(OP, f"edit_threshold needs remasking='low_confidence' (token editing "
+                         f"compares p(x0) with it); got remasking={remasking!r}")
+    return edit_threshold
 
 
 def _check(logits, x, uncond_logits, remasking):
@@ -201,7 +245,8 @@ def _row_tensor(name, value, B, device, default):
 
 
 def _fake(logits, uncond_logits, cfg_scale, x, num_transfer, block_end, mask_id, temperature,
-          remasking, threshold, suppress_ids, zero_confidence_ids, seed):
+          remasking, threshold, suppress_ids, zero_confidence_ids, seed, edit_threshold=None,
+          editable=None):
     return torch.empty_like(x), torch.empty(x.shape, dtype=torch.bool, device=x.device)
 
 

@@ -107,11 +107,25 @@ def select(conf, candidates, num_transfer, threshold=None):
     return transfer
 
 
+def edits(x0, conf, x, mask_id, edit_threshold, editable=None):
+    """LLaDA2.1's token editing: [B, L] bool, the editable positions holding a committed token
+    (x != mask_id; editable None: all of them) whose x0 differs from it with an fp32 confidence
+    > edit_threshold (strictly, as LLaDA2.1 and diffusers' BlockRefinementScheduler). A
+    confidence of 0 (undefined: non-finite logits) is never above a threshold >= 0."""
+    t = torch.tensor(edit_threshold, dtype=torch.float32).item()  # compared in fp32
+    edited = (x != mask_id) & (x0 != x) & (conf > t)
+    return edited if editable is None else edited & editable
+
+
 def remask_step(logits, x, num_transfer, *, mask_id=126336, block_end=None, temperature=0.0,
                 remasking="low_confidence", threshold=None, uncond_logits=None, cfg_scale=0.0,
-                suppress_ids=(), zero_confidence_ids=(), generator=None):
+                suppress_ids=(), zero_confidence_ids=(), generator=None, edit_threshold=None,
+                editable=None):
     """Shapes and meaning as llada_kernels.remask_step; num_transfer and block_end are [B]
-    int64 tensors here (the public op expands ints). Returns (x_new, transfer)."""
+    int64 tensors here (the public op expands ints). Returns (x_new, transfer).
+
+    x0 and the confidence are computed at every position from one draw of noise, so a
+    candidate and an edited position read the same step's noise, each its own."""
     B, L, _ = logits.shape
     l = _fill_ids(combined_logits(logits, uncond_logits, cfg_scale), suppress_ids)
     x0 = choose(l, temperature, suppress_ids, generator)
@@ -119,6 +133,8 @@ def remask_step(logits, x, num_transfer, *, mask_id=126336, block_end=None, temp
     positions = torch.arange(L, device=x.device)
     candidates = (x == mask_id) & (positions < block_end.unsqueeze(-1))
     transfer = select(conf, candidates, num_transfer, threshold)
+    if edit_threshold is not None:
+        transfer = transfer | edits(x0, conf, x, mask_id, edit_threshold, editable)
     return torch.where(transfer, x0, x), transfer
 
 

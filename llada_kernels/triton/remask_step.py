@@ -5,8 +5,10 @@ Contract shared with the C++ and CUDA kernels: csrc/common/random.h (noise, see 
 and csrc/common/remask.h (selection keys and the per-row bound), restated here.
 
 Kernel 1, _score_kernel: one program per position r = b * L + l.
-    A non-candidate (x[b, l] != mask_id, or l >= block_end[b]) stores key = -1 and reads no
-    logits. A candidate reads its logits row once, in BLOCK_V tiles, and keeps online:
+    A candidate is x[b, l] == mask_id and l < block_end[b]; with editing (edit_threshold),
+    an editable position with x[b, l] != mask_id is scored too. Any other position stores
+    key = -1 and reads no logits. A scored position reads its logits row once, in BLOCK_V
+    tiles, and keeps online:
         z      = cfg(logits) with suppress_ids at -inf        (un + w (cond - un), w = s + 1)
         x0     = the first NaN z_v, else the first +inf z_v (tracked apart: noise cannot
                  move them), else argmax_v min(z_v + T g_v, FLT_MAX) over the finite z_v
@@ -23,7 +25,9 @@ Kernel 1, _score_kernel: one program per position r = b * L + l.
         random          u from Philox (random.h)
         0 where the formula gives NaN: every c_v -inf, or a NaN or +inf c_v (then s is NaN),
         as the reference's nan_to_num.
-    It stores x0 and key = (ordered(conf) << 31) | (2^31 - 1 - l), unique per row.
+    A candidate stores x0 and key = (ordered(conf) << 31) | (2^31 - 1 - l), unique per row;
+    an editable position stores x0 and key = -2 (edited: x0 != x and conf > edit_threshold
+    in fp32) or -1.
     Stats mode (llada::remask_step_stats_triton, a vocabulary shard of ids [off, off + V)):
     ids are global, the tiles start at the even id at or below off (so that each Philox call
     still feeds an even and an odd id), and the program stores the statistics (y, m, s, aux)
@@ -34,7 +38,7 @@ Kernel 2, _select_kernel: one program per row b, any L (BLOCK_L tiles).
     bound = -1 (k >= c) | INT64_MAX (k == 0) | the k-th largest key, found by a 63-step
     bitwise bisection: the largest tau with #(key >= tau) >= k, built from the high bit down;
     bound = min(bound, ordered(threshold) << 31);
-    transfer = key >= 0 and key >= bound;  x_new = transfer ? x0 : x.
+    transfer = (key >= 0 and key >= bound) or key == -2 (edited);  x_new = transfer ? x0 : x.
 
 No host synchronisation: the seed is read in-kernel, the special ids are cached on the device.
 """
@@ -72,7 +76,7 @@ DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 def remask_step_triton(logits, uncond_logits, cfg_scale, x, num_transfer, block_end, mask_id,
                        temperature, remasking, threshold, suppress_ids, zero_confidence_ids,
-                       seed):
+                       seed, edit_threshold=None, editable=None):
     """llada::remask_step_triton (schema in csrc/ops.cpp). Arguments were checked by
     llada_kernels.remask_step; logits (and uncond_logits) have unit stride along V."""
     B, L, V = logits.shape
@@ -84,7 +88,7 @@ def remask_step_triton(logits, uncond_logits, cfg_scale, x, num_transfer, block_
     x0 = torch.empty((B, L), dtype=torch.int64, device=device)
     keys = torch.empty((B, L), dtype=torch.int64, device=device)
     _score(logits, uncond_logits, cfg_scale, x, block_end, mask_id, temperature, remasking,
-           suppress_ids, zero_confidence_ids, seed, 0, x0, keys, None)
+           suppress_ids, zero_confidence_ids, seed, 0, x0, keys, None, edit_threshold, editable)
     block_l, select_warps = SELECT_CONFIG
     with _device_guard(device):
         _select_kernel[(B,)](
@@ -108,7 +112,8 @@ def remask_step_stats_triton(logits, uncond_logits, cfg_scale, x, block_end, mas
 
 
 def _score(logits, uncond_logits, cfg_scale, x, block_end, mask_id, temperature, remasking,
-           suppress_ids, zero_confidence_ids, seed, vocab_offset, x0, keys, stats):
+           suppress_ids, zero_confidence_ids, seed, vocab_offset, x0, keys, stats,
+           edit_threshold=None, editable=None):
     """Launches kernel 1: keys, or (stats mode) stats, and x0."""
     B, L, V = logits.shape
     device = logits.device
@@ -130,6 +135,15 @@ def _score(logits, uncond_logits, cfg_scale, x, block_end, mask_id, temperature,
     special, n_suppress = _special_ids(suppress, zero, device)
     first_allowed = first_allowed_id(suppress, lo)
     un = logits if uncond_logits is None else uncond_logits
+    # Editing: 0 off, 1 every committed position, 2 those of `editable` (read with its strides).
+    if editable is not None and (editable.dtype != torch.bool or editable.shape != x.shape):
+        raise ValueError(f"remask_step_triton: editable must be bool [B, L] = {list(x.shape)}; "
+                         f"got {editable.dtype} {list(editable.shape)}")
+    if edit_threshold is not None and remasking != "low_confidence":
+        raise ValueError("remask_step_triton: edit_threshold needs remasking='low_confidence'; "
+                         f"got {remasking!r}")
+    edit_mode = 0 if edit_threshold is None else 1 if editable is None else 2
+    ed = torch.empty((1, 1), dtype=torch.bool, device=device) if editable is None else editable
     block_v, score_warps = SCORE_CONFIG
     with _device_guard(device):
         _score_kernel[(B * L,)](
@@ -137,8 +151,8 @@ def _score(logits, uncond_logits, cfg_scale, x, block_end, mask_id, temperature,
             x0, x0 if keys is None else keys,
             torch.empty(1, dtype=torch.float32, device=device) if stats is None else stats,
             L, V, logits.stride(0), logits.stride(1), un.stride(0), un.stride(1),
-            x.stride(0), x.stride(1),
-            mask_id, float(cfg_scale) + 1.0, float(temperature), REMASKING[remasking],
+            x.stride(0), x.stride(1), ed, ed.stride(0), ed.stride(1), edit_mode,
+            _fp32(edit_threshold), mask_id, float(cfg_scale) + 1.0, float(temperature), REMASKING[remasking],
             special.numel(), n_suppress, first_allowed if first_allowed < hi else -1,
             vocab_offset, int(stats is not None),  # int, not bool: Triton 3.6's interpreter
             HAS_CFG=uncond_logits is not None, SAMPLE=sample, BLOCK_V=block_v,
@@ -156,6 +170,11 @@ def _special_ids(suppress, zero_confidence, device):
     host-to-device copy synchronises, and these lists rarely change between steps."""
     ids = list(suppress) + list(zero_confidence)
     return torch.tensor(ids or [0], dtype=torch.int64, device=device)[:len(ids)], len(suppress)
+
+
+def _fp32(value):
+    """value rounded to fp32 (0 for None), as a Python float: the kernel compares in fp32."""
+    return 0.0 if value is None else torch.tensor(value, dtype=torch.float32).item()
 
 
 def _threshold_key(threshold):
@@ -187,6 +206,10 @@ def _score_kernel(
     L: tl.int64, V: tl.int64,
     stride_lb: tl.int64, stride_ll: tl.int64, stride_ub: tl.int64, stride_ul: tl.int64,
     stride_xb: tl.int64, stride_xl: tl.int64,
+    editable_ptr,  # [B, L] bool, strided (read when edit_mode == 2)
+    stride_eb: tl.int64, stride_el: tl.int64,
+    edit_mode: tl.int32,  # 0 no editing, 1 every committed position editable, 2 editable_ptr's
+    edit_threshold: tl.float32,
     mask_id: tl.int64,
     cfg_weight: tl.float32,  # cfg_scale + 1
     temperature: tl.float32,
@@ -203,7 +226,11 @@ def _score_kernel(
     token = tl.load(x_ptr + b * stride_xb + l * stride_xl)
     end = tl.load(block_end_ptr + b)
     key = tl.full((), -1, tl.int64)  # not a candidate
-    if (token == mask_id) & (l < end):
+    candidate = (token == mask_id) & (l < end)
+    to_edit = (edit_mode != 0) & (token != mask_id)
+    if edit_mode == 2:
+        to_edit = to_edit & (tl.load(editable_ptr + b * stride_eb + l * stride_el) != 0)
+    if candidate | to_edit:
         seed = tl.load(seed_ptr)
         row = logits_ptr + b * stride_lb + l * stride_ll
         urow = uncond_ptr + b * stride_ub + l * stride_ul
@@ -293,6 +320,7 @@ def _score_kernel(
         if remasking == _RANDOM:
             conf = remask_uniform(seed, r)
         key = selection_key(conf + 0.0, l)  # + 0.0: -0 -> +0, equal confidences tie by position
+        key = tl.where(candidate, key, tl.where((x0 != token) & (conf > edit_threshold), -2, -1))
         tl.store(x0_ptr + r, x0)
         if stats_mode != 0:
             y = tl.where(first_code < hi, float("nan"), tl.where(first_code < 2 * hi, INF, best))
@@ -353,7 +381,7 @@ def _select_kernel(
         offs = l0 + tl.arange(0, BLOCK_L)
         in_row = offs < L
         key = tl.load(keys + offs, mask=in_row, other=-1)
-        commit = (key >= 0) & (key >= bound)
+        commit = ((key >= 0) & (key >= bound)) | (key == -2)  # -2: edited
         x0 = tl.load(x0_ptr + b * L + offs, mask=commit, other=0)
         x = tl.load(x_ptr + b * stride_xb + offs * stride_xl, mask=in_row, other=0)
         tl.store(x_new_ptr + b * L + offs, tl.where(commit, x0, x), mask=in_row)
@@ -383,7 +411,8 @@ def _score_spec(dtype, has_cfg, sample):
         special_ids_ptr="*i64", seed_ptr="*i64", x0_ptr="*i64", key_ptr="*i64",
         stats_ptr="*fp32",
         L=i64, V=i64, stride_lb=i64, stride_ll=i64, stride_ub=i64, stride_ul=i64,
-        stride_xb=i64, stride_xl=i64, mask_id=i64, cfg_weight="fp32", temperature="fp32",
+        stride_xb=i64, stride_xl=i64, editable_ptr="*u1", stride_eb=i64, stride_el=i64,
+        edit_mode="i32", edit_threshold="fp32", mask_id=i64, cfg_weight="fp32", temperature="fp32",
         remasking="i32", n_special="i32", n_suppress="i32", first_allowed="i64",
         vocab_offset=i64, stats_mode="i32")
     aligned = tuple(p for p in signature if p.endswith("_ptr")) + (
