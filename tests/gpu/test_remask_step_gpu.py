@@ -88,3 +88,20 @@ def test_opcheck_cuda(name):
             torch.full((2,), 6, device=CUDA), MASK, 0.5, "low_confidence", None, [3], [4],
             torch.tensor([42], device=CUDA))
     torch.library.opcheck(getattr(torch.ops.llada, name), args)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("case", ["odd 3x7 V=37", "bf16 V=4099", "fp16 cfg",
+                                  "suppress+zero_confidence", "editable=None"])
+def test_token_editing_matches_reference(backend, case):
+    """LLaDA2.1's token editing (edit_threshold, editable) on CUDA tensors: tests/
+    test_remask_edit.py's cases (clear of the threshold and tie-free), exact against the
+    reference on the same GPU."""
+    from test_remask_edit import EDIT_CASES, edit_case
+
+    B, L, V, opts = EDIT_CASES[case]
+    k = torch.tensor([2, 0, 5])[:B]
+    logits, x, kw = edit_case(B, L, V, k, **opts)
+    check(backend, logits, x, k, **kw)
+    want = remask_step(logits, x, k, backend="reference", **kw)[1]
+    assert (want & (x != MASK)).any(), "the case must edit something"
