@@ -67,6 +67,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import _checks, masks
+from .generate import crop_cache
 from .ops.remask import remask_step
 
 CACHES = ("exact", None)
@@ -269,7 +270,7 @@ class _Runner:
                          past_key_values=self.kv if self.cache else None,
                          use_cache=bool(self.cache))
         if self.cache:
-            self.kv.crop(s)
+            crop_cache(self.kv, s)
             self.C = s
         return out.logits[:, s - start:]
 

@@ -284,11 +284,20 @@ def _cached_logits(model, x, am, prompt_index, lo, hi, cfg_scale, mask_id, cache
     return logits, None, cache
 
 
+def crop_cache(cache, n: int) -> None:
+    """Cut a transformers Cache (DynamicCache) to its first n positions, in place. Both
+    transformers lines take crop(-r) as "remove the last r positions" (4.x also reads a
+    positive value as the length to keep; 5.x refuses positive values), so this passes -r."""
+    drop = cache.get_seq_length() - n
+    if drop > 0:
+        cache.crop(-drop)
+
+
 def _cut_cache(past, n):
-    """The first n positions of a transformers cache: a Cache with crop() is cut in place;
-    per-layer (k, v) tuples [B, H, L, Dh] are sliced."""
+    """The first n positions of a transformers cache: a Cache with crop() is cut in place
+    (crop_cache); per-layer (k, v) tuples [B, H, L, Dh] are sliced."""
     if hasattr(past, "crop"):
-        past.crop(n)
+        crop_cache(past, n)
         return past
     if isinstance(past, (tuple, list)) and all(isinstance(kv, (tuple, list)) for kv in past):
         return tuple(tuple(t[:, :, :n] for t in kv) for kv in past)
