@@ -207,11 +207,7 @@ def block_generate(model, prompt, attention_mask=None, *, gen_length=2048, block
             stats.calls_per_block.append(calls)
             x[rows], done[rows] = xa, done_a
             if stop_at_eos:
-                keep = ~done_a
-                stats.finished_rows_per_block.append(int(done.sum()))
-                if not bool(keep.all()):
-                    rows = rows[keep]
-                    runner.keep_rows(keep)
+                rows = _keep_running(rows, ~done_a, done, runner, stats)
                 if len(rows) == 0:
                     break
         x = x[:, :Lp + gen_length]
@@ -219,6 +215,16 @@ def block_generate(model, prompt, attention_mask=None, *, gen_length=2048, block
             x[:, Lp:] = _after_eos(x[:, Lp:], eos_id)
     x = x.clone()  # an ordinary tensor, not an inference tensor
     return (x, stats) if return_stats else x
+
+
+def _keep_running(rows, keep, done, runner, stats):
+    """After a block with stop_at_eos: record how many rows are finished, and keep the rows
+    (indices into the batch) and the runner's cache rows where keep [B'] is True."""
+    stats.finished_rows_per_block.append(int(done.sum()))
+    if not bool(keep.all()):
+        rows = rows[keep]
+        runner.keep_rows(keep)
+    return rows
 
 
 def _finished(gen, mask_id, eos_id):
@@ -443,10 +449,7 @@ def _generate_uniform(model, prompt, attention_mask, gen_length, b, steps, tempe
             if stop_at_eos:
                 keep = ~(xa[:, Lp:e] == eos_id).any(1)
                 done[rows] = ~keep
-                stats.finished_rows_per_block.append(int(done.sum()))
-                if not bool(keep.all()):
-                    rows = rows[keep]
-                    runner.keep_rows(keep)
+                rows = _keep_running(rows, keep, done, runner, stats)
                 if len(rows) == 0:
                     break
         x = x[:, :Lp + gen_length]
