@@ -158,12 +158,8 @@ def block_generate(model, prompt, attention_mask=None, *, gen_length=2048, block
     with torch.inference_mode():
         B, Lp = prompt.shape
         device = _device(model)
-        T = -(-(Lp + gen_length) // b) * b
-        x = torch.full((B, T), mask_id, dtype=torch.long, device=device)
-        x[:, :Lp] = prompt.to(device)
-        am = torch.zeros(B, T, dtype=torch.bool, device=device)
-        am[:, :Lp] = True if attention_mask is None else attention_mask.to(device).bool()
-        am[:, Lp:Lp + gen_length] = True
+        x, am = _canvas(prompt, attention_mask, gen_length, b, mask_id, device)
+        T = x.shape[1]
         stats = BlockGenerateStats()
         runner = _Runner(model, b, cache)
         rows = torch.arange(B, device=device)          # the rows still running (stop_at_eos)
@@ -215,6 +211,20 @@ def block_generate(model, prompt, attention_mask=None, *, gen_length=2048, block
             x[:, Lp:] = _after_eos(x[:, Lp:], eos_id)
     x = x.clone()  # an ordinary tensor, not an inference tensor
     return (x, stats) if return_stats else x
+
+
+def _canvas(prompt, attention_mask, gen_length, b, fill, device):
+    """The sequence block_generate decodes: x [B, T] int64 (the prompt, then `fill` up to T, the
+    prompt plus gen_length rounded up to a multiple of b) and its key padding am [B, T] bool
+    (the prompt's attention_mask, the generated positions, not the padding past them)."""
+    B, Lp = prompt.shape
+    T = -(-(Lp + gen_length) // b) * b
+    x = torch.full((B, T), fill, dtype=torch.long, device=device)
+    x[:, :Lp] = prompt.to(device)
+    am = torch.zeros(B, T, dtype=torch.bool, device=device)
+    am[:, :Lp] = True if attention_mask is None else attention_mask.to(device).bool()
+    am[:, Lp:Lp + gen_length] = True
+    return x, am
 
 
 def _keep_running(rows, keep, done, runner, stats):
@@ -406,12 +416,8 @@ def _generate_uniform(model, prompt, attention_mask, gen_length, b, steps, tempe
     with torch.inference_mode():
         B, Lp = prompt.shape
         device = _device(model)
-        T = -(-(Lp + gen_length) // b) * b
-        x = torch.zeros((B, T), dtype=torch.long, device=device)
-        x[:, :Lp] = prompt.to(device)
-        am = torch.zeros(B, T, dtype=torch.bool, device=device)
-        am[:, :Lp] = True if attention_mask is None else attention_mask.to(device).bool()
-        am[:, Lp:Lp + gen_length] = True
+        x, am = _canvas(prompt, attention_mask, gen_length, b, 0, device)  # 0: redrawn per block
+        T = x.shape[1]
         stats = BlockGenerateStats()
         runner = _Runner(model, b, cache)
         rows = torch.arange(B, device=device)          # the rows still running (stop_at_eos)

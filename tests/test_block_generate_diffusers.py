@@ -64,6 +64,17 @@ def reference(case):
     return _REF[case]
 
 
+def assert_same_tokens(ours, ref, eos_early_stop):
+    """ours == ref; with the EOS stop, row by row up to each row's first EOS, and the case
+    must reach EOS."""
+    if eos_early_stop:
+        assert (ours == EOS).any(), "the case must reach EOS"
+        for a, b in zip(ours, ref):
+            assert torch.equal(up_to_first_eos(a), up_to_first_eos(b))
+    else:
+        assert torch.equal(ours, ref)
+
+
 def ours_for(model, prompt, am, kw):
     return block_generate(
         model, prompt, am, gen_length=13, threshold=kw["threshold"],
@@ -75,12 +86,7 @@ def ours_for(model, prompt, am, kw):
 def test_same_tokens_as_diffusers_llada2_pipeline(case):
     model, prompt, am, kw, ref = reference(case)
     ours = ours_for(model, prompt, am, kw)
-    if kw["eos_early_stop"]:
-        assert (ours == EOS).any(), "the case must reach EOS"
-        for a, b in zip(ours, ref):
-            assert torch.equal(up_to_first_eos(a), up_to_first_eos(b))
-    else:
-        assert torch.equal(ours, ref)
+    assert_same_tokens(ours, ref, kw["eos_early_stop"])
     assert PAD not in ours[0]
 
 
@@ -195,12 +201,7 @@ def uniform_ours(model, prompt, am, kw, cache="exact"):
 def test_uniform_corruption_gives_diffusion_gemma_pipelines_tokens(case, cache):
     model, prompt, am, kw, ref = uniform_reference(case)
     ours = uniform_ours(model, prompt, am, kw, cache)
-    if kw["eos_early_stop"]:
-        assert (ours == EOS).any(), "the case must reach EOS"
-        for a, b in zip(ours, ref):
-            assert torch.equal(up_to_first_eos(a), up_to_first_eos(b))
-    else:
-        assert torch.equal(ours, ref)
+    assert_same_tokens(ours, ref, kw["eos_early_stop"])
 
 
 @pytest.mark.parametrize("case, planted", [
