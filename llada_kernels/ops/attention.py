@@ -133,19 +133,21 @@ def merge_attention(outs, lses):
 
     Args:
         outs: a sequence of [B, Hq, Lq, D] tensors (one per chunk, same dtype).
-        lses: the matching [B, Hq, Lq] fp32 tensors (or all fp64); -inf marks a row that saw no key of the chunk (its out_c is ignored).
+        lses: the matching [B, Hq, Lq] fp32 tensors (or all fp64); -inf marks a row that saw
+            no key of the chunk (its out_c is ignored).
     Returns:
         out [B, Hq, Lq, D] in outs' dtype (summed in lses' dtype) and lse [B, Hq, Lq], -inf
         where no chunk had a key for the row (out 0 there). Differentiable in every out_c and
         lse_c (autograd), so gradients flow back through each chunk's attention call.
     """
     outs, lses = list(outs), list(lses)
-    if lses and lses[0].dtype not in (torch.float32, torch.float64):
-        _checks.fail("merge_attention", f"lses must be float32 (or float64); got {lses[0].dtype}",
-                     TypeError)
     if not outs or len(outs) != len(lses):
         _checks.fail("merge_attention", f"outs and lses must be non-empty and of equal length; "
                      f"got {len(outs)} and {len(lses)}")
+    _checks.check_tensor("merge_attention", "lses[0]", lses[0], ndim=3)
+    if lses[0].dtype not in (torch.float32, torch.float64):
+        _checks.fail("merge_attention", f"lses must be float32 (or float64); got {lses[0].dtype}",
+                     TypeError)
     for c, (o, l) in enumerate(zip(outs, lses)):
         _checks.check_tensor("merge_attention", f"lses[{c}]", l, dtypes=(lses[0].dtype,), ndim=3)
         _checks.check_shape("merge_attention", f"outs[{c}]", o, (*lses[0].shape, outs[0].shape[-1]))
